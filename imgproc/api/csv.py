@@ -1,0 +1,113 @@
+"""Upload a CSV, poll its status, fetch the output CSV."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, request, stream_with_context
+from marshmallow import ValidationError
+from werkzeug.datastructures import FileStorage
+
+from imgproc.api import services
+from imgproc.api.openapi import doc, error_responses, json_response
+from imgproc.config import MIB
+from imgproc.csv_input import parse_csv
+from imgproc.errors import (
+    InvalidCsv,
+    InvalidField,
+    MissingFile,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from imgproc.models import UploadOptions
+from imgproc.schemas import (
+    UploadFormSchema,
+    created_schema,
+    status_query_schema,
+    status_schema,
+)
+
+bp = Blueprint("csv", __name__)
+
+
+def _field_errors(exc: ValidationError) -> InvalidField:
+    messages = exc.normalized_messages()
+    details = [{"field": name, "message": message}
+               for name, value in sorted(messages.items())
+               for message in (value if isinstance(value, list) else [str(value)])]
+    names = ", ".join(sorted(messages))
+    return InvalidField(f"invalid form field: {names}", details)
+
+
+def _read_upload(files: Any, max_bytes: int) -> bytes:
+    upload: FileStorage | None = files.get("file")
+    if upload is None:
+        raise MissingFile()
+    data = upload.stream.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise PayloadTooLarge(f"the CSV is larger than {max_bytes / MIB:g} MiB")
+    if not data:
+        raise InvalidCsv("the file is empty")
+    return data
+
+
+@bp.post("/csv/upload")
+@bp.post("/upload/")
+@doc(summary="Upload a CSV of products and image URLs", tags=["requests"],
+     requestBody={"required": True,
+                  "content": {"multipart/form-data": {"schema": "UploadForm"}}},
+     responses={"202": json_response("Accepted and queued", "Created"),
+                **error_responses("400", "413", "415", "500", "503")})
+def upload() -> tuple[dict[str, Any], int, dict[str, str]]:
+    """Accept a CSV of products and queue its images."""
+    svc = services()
+    settings = svc.settings
+    if request.mimetype != "multipart/form-data":
+        raise UnsupportedMediaType()
+    try:
+        form = UploadFormSchema(allow_private_urls=settings.allow_private_urls).load(
+            request.form)
+    except ValidationError as exc:
+        raise _field_errors(exc) from None
+    data = _read_upload(request.files, settings.max_upload_bytes)
+    parsed = parse_csv(data, max_rows=settings.max_rows,
+                       max_urls_per_row=settings.max_urls_per_row)
+    options = UploadOptions(form["quality"], form["output_format"], form["webhook_url"])
+    root = (settings.public_url or request.host_url).rstrip("/")
+    created = svc.submit(parsed, options, root)
+    status_url = f"{root}/csv/status/{created.request_id}"
+    body = created_schema.dump({**created.__dict__, "status_url": status_url})
+    return body, 202 if created.new else 200, {"Location": status_url}
+
+
+@bp.get("/csv/status/<request_id>")
+@bp.get("/status/<request_id>")
+@doc(summary="Status of a request, one page of products", tags=["requests"],
+     parameters=[
+         {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0,
+                                                      "default": 0}},
+         {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                     "maximum": 1000, "default": 1000}}],
+     responses={"200": json_response("The request's status", "Status"),
+                **error_responses("400", "404", "500", "503")})
+def status(request_id: str) -> dict[str, Any]:
+    """Request, product and image statuses with progress."""
+    try:
+        query = status_query_schema.load(request.args)
+    except ValidationError as exc:
+        raise _field_errors(exc) from None
+    body = services().status(request_id, query["offset"], query["limit"])
+    return status_schema.dump(body)  # type: ignore[no-any-return]
+
+
+@bp.get("/csv/output/<request_id>")
+@doc(summary="The output CSV of a finished request", tags=["requests"],
+     responses={"200": {"description": "Input columns plus Output Image Urls",
+                        "content": {"text/csv": {"schema": {"type": "string"}}}},
+                **error_responses("404", "409", "500", "503")})
+def output(request_id: str) -> Response:
+    """The input's columns in order plus ``Output Image Urls``."""
+    lines = services().output_csv(request_id)
+    return Response(stream_with_context(lines), mimetype="text/csv",
+                    headers={"Content-Disposition":
+                             f'attachment; filename="imgproc-{request_id}.csv"'})

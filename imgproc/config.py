@@ -1,0 +1,157 @@
+"""Settings: built-in defaults, then ``IMGPROC_*`` environment variables (or a mapping a test
+passes), validated once at start-up into a frozen :class:`Settings`."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+MIB = 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """A setting has a value the service cannot run with."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the service; the env var is ``IMGPROC_<NAME>`` unless noted."""
+
+    mongodb_uri: str = "mongodb://127.0.0.1:27017"  # env: MONGODB_URI
+    db_name: str = "imgproc"
+    data_dir: str = "./data"
+    public_url: str | None = None
+    storage: str = "local"
+    start_worker: bool = True
+    workers: int = 8
+    max_active_requests: int = 4
+    lease_seconds: float = 60.0
+    poll_seconds: float = 1.0
+    shutdown_grace_seconds: float = 20.0
+    max_upload_bytes: int = 10 * MIB
+    max_rows: int = 10_000
+    max_urls_per_row: int = 50
+    default_quality: int = 50
+    max_image_bytes: int = 25 * MIB
+    max_pixels: int = 50_000_000
+    connect_timeout: float = 5.0
+    read_timeout: float = 15.0
+    download_deadline: float = 60.0
+    fetch_attempts: int = 3
+    fetch_backoff: float = 0.5
+    max_image_attempts: int = 3
+    allow_private_urls: bool = False
+    webhook_secret: str | None = None
+    webhook_retry_delays: tuple[float, ...] = (5, 30, 120, 600, 1800, 3600, 7200, 14400)
+    webhook_timeout: float = 10.0
+    db_timeout_ms: int = 5000
+    log_level: str = "INFO"
+
+    @property
+    def images_dir(self) -> str:
+        """Where LocalStorage keeps output images."""
+        return os.path.join(self.data_dir, "images")
+
+
+def _parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _parse_delays(raw: str) -> tuple[float, ...]:
+    parts = [p.strip() for p in raw.split(",") if p.strip()]
+    delays = tuple(float(p) for p in parts)
+    if any(d < 0 for d in delays):
+        raise ValueError("delays must not be negative")
+    return delays
+
+
+def _parse_optional_str(raw: str) -> str | None:
+    return raw.strip() or None
+
+
+_PARSERS: dict[type[Any] | str, Callable[[str], Any]] = {
+    "bool": _parse_bool,
+    "int": int,
+    "float": float,
+    "str": str,
+    "str | None": _parse_optional_str,
+    "tuple[float, ...]": _parse_delays,
+}
+
+_ENV_NAMES = {"mongodb_uri": "MONGODB_URI"}
+
+
+def env_name(field: str) -> str:
+    """The environment variable that sets ``field``."""
+    return _ENV_NAMES.get(field, "IMGPROC_" + field.upper())
+
+
+def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Defaults, then the environment, then ``overrides`` (field names); validated."""
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(Settings):
+        name = env_name(field.name)
+        raw = os.environ.get(name)
+        if raw is None:
+            continue
+        parser = _PARSERS[str(field.type)]
+        try:
+            values[field.name] = parser(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{name}={raw!r} is not valid: {exc}") from None
+    unknown = set(overrides or {}) - {f.name for f in dataclasses.fields(Settings)}
+    if unknown:
+        raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
+    values.update(overrides or {})
+    settings = Settings(**values)
+    validate(settings)
+    return settings
+
+
+def _check(ok: bool, field: str, message: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{env_name(field)}={value!r} is not valid: {message}")
+
+
+def validate(s: Settings) -> None:
+    """Raise :class:`ConfigError` with a clear message for the first bad value."""
+    for field in ("workers", "max_active_requests", "max_rows", "max_urls_per_row",
+                  "fetch_attempts", "max_image_attempts", "max_upload_bytes",
+                  "max_image_bytes", "max_pixels", "db_timeout_ms"):
+        _check(getattr(s, field) >= 1, field, "must be at least 1", getattr(s, field))
+    for field in ("lease_seconds", "poll_seconds", "connect_timeout", "read_timeout",
+                  "download_deadline", "webhook_timeout"):
+        _check(getattr(s, field) > 0, field, "must be greater than 0", getattr(s, field))
+    for field in ("shutdown_grace_seconds", "fetch_backoff"):
+        _check(getattr(s, field) >= 0, field, "must not be negative", getattr(s, field))
+    _check(1 <= s.default_quality <= 95, "default_quality", "must be 1-95", s.default_quality)
+    _check(s.storage in ("local",), "storage", "must be 'local'", s.storage)
+    _check(s.mongodb_uri.startswith(("mongodb://", "mongodb+srv://")), "mongodb_uri",
+           "must start with mongodb:// or mongodb+srv://", s.mongodb_uri)
+    _check(bool(s.db_name) and not set(s.db_name) & set('/\\. "$'), "db_name",
+           "must be a plain database name", s.db_name)
+    _check(s.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",
+           "must be DEBUG, INFO, WARNING or ERROR", s.log_level)
+    if s.public_url is not None:
+        parts = urlsplit(s.public_url)
+        _check(parts.scheme in ("http", "https") and bool(parts.netloc) and not parts.query,
+               "public_url", "must be an absolute http(s) URL", s.public_url)
+    if s.webhook_secret is not None:
+        secret = s.webhook_secret.removeprefix("whsec_")
+        try:
+            ok = len(base64.b64decode(secret + "==", validate=True)) >= 16
+        except (binascii.Error, ValueError):
+            ok = False
+        _check(ok, "webhook_secret",
+               "must be a Standard Webhooks secret: 'whsec_' + base64 of 16+ bytes", "***")

@@ -1,0 +1,283 @@
+"""marshmallow schemas: CSV rows and form fields in; status, webhook and error bodies out.
+
+The output schemas are also the source of the OpenAPI document, so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import urlsplit
+
+from marshmallow import (
+    EXCLUDE,
+    Schema,
+    ValidationError,
+    fields,
+    pre_load,
+    validate,
+    validates_schema,
+)
+
+from imgproc.models import (
+    ImageStatus,
+    OutputFormat,
+    ProductStatus,
+    RequestStatus,
+    WebhookStatus,
+)
+from imgproc.netguard import host_refusal
+
+ROLE_COLUMNS = {
+    "serial_number": "S. No.",
+    "product_name": "Product Name",
+    "input_urls": "Input Image Urls",
+}
+MAX_URL_LENGTH = 2048
+_URL_SPLIT = re.compile(r"\s*,\s*")
+_BAD_URL_CHARS = re.compile(r"[\s\x00-\x1f\x7f]")
+
+
+def _short(value: str, limit: int = 80) -> str:
+    return value if len(value) <= limit else value[: limit - 1] + "…"
+
+
+def check_http_url(value: str) -> str:
+    """An absolute http(s) URL, stripped; ValidationError with a clear message otherwise."""
+    url = value.strip()
+    if len(url) > MAX_URL_LENGTH:
+        raise ValidationError(f"URL longer than {MAX_URL_LENGTH} characters: {_short(url)!r}")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise ValidationError(f"not a valid URL: {_short(url)!r}") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValidationError(f"not an http(s) URL: {_short(url)!r}")
+    if _BAD_URL_CHARS.search(url):
+        raise ValidationError(f"URL contains spaces or control characters: {_short(url)!r}")
+    return url
+
+
+class UrlList(fields.Field[list[str]]):
+    """A cell of comma-separated http(s) URLs (spaces and newlines around them ignored)."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> list[str]:
+        max_urls: int = getattr(self.parent, "max_urls", 50)
+        pieces = [p for p in _URL_SPLIT.split(str(value).strip()) if p]
+        if not pieces:
+            raise ValidationError("no image URL")
+        if len(pieces) > max_urls:
+            raise ValidationError(f"{len(pieces)} URLs; at most {max_urls} per row")
+        urls, errors = [], []
+        for piece in pieces:
+            try:
+                urls.append(check_http_url(piece))
+            except ValidationError as exc:
+                errors.extend(exc.messages)
+        if errors:
+            raise ValidationError(errors)
+        return urls
+
+
+class SerialNumber(fields.Field[int]):
+    """A positive whole number written as digits."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
+        text = str(value).strip()
+        if not text:
+            raise ValidationError("missing")
+        if not re.fullmatch(r"\+?\d{1,18}", text):
+            raise ValidationError(f"not a whole number: {_short(text, 30)!r}")
+        number = int(text)
+        if number < 1:
+            raise ValidationError("must be a positive whole number")
+        return number
+
+
+class CsvRowSchema(Schema):
+    """One product row, keyed by role (not by the header's spelling)."""
+
+    serial_number = SerialNumber(required=True)
+    product_name = fields.String(
+        required=True,
+        validate=[validate.Length(min=1, error="must not be empty"),
+                  validate.Length(max=512, error="longer than 512 characters")],
+    )
+
+    input_urls = UrlList(required=True)
+
+    def __init__(self, *, max_urls: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.max_urls = max_urls
+
+    @pre_load
+    def _strip(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
+        return {k: v.strip() if isinstance(v, str) else v for k, v in data.items()}
+
+
+class UploadFormSchema(Schema):
+    """The multipart form fields next to the file."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    webhook_url = fields.String(load_default=None)
+    quality = fields.Integer(
+        load_default=None, strict=False,
+        validate=validate.Range(min=1, max=95, error="must be a whole number from 1 to 95"),
+        error_messages={"invalid": "must be a whole number from 1 to 95"},
+    )
+    output_format = fields.Enum(OutputFormat, by_value=True, load_default=OutputFormat.AUTO,
+                                error_messages={"unknown": "must be one of auto, jpeg, webp, png"})
+
+    def __init__(self, *, allow_private_urls: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.allow_private_urls = allow_private_urls
+
+    @pre_load
+    def _blank_is_absent(self, data: Any, **_: Any) -> dict[str, Any]:
+        return {k: v for k, v in dict(data).items() if not (isinstance(v, str) and not v.strip())}
+
+    @validates_schema
+    def _webhook(self, data: dict[str, Any], **_: Any) -> None:
+        url = data.get("webhook_url")
+        if url is None:
+            return
+        url = check_http_url(url)
+        if urlsplit(url).username is not None:
+            raise ValidationError("credentials in the URL are not allowed", "webhook_url")
+        refusal = host_refusal(urlsplit(url).hostname or "")
+        if refusal and not self.allow_private_urls:
+            raise ValidationError(f"{refusal}: webhooks go to public addresses only",
+                                  "webhook_url")
+        data["webhook_url"] = url
+
+
+# ---- responses (also the OpenAPI components) ------------------------------------------
+
+
+def _enum(values: type[Any]) -> dict[str, Any]:
+    return {"metadata": {"enum": [v.value for v in values]}}
+
+
+class ErrorDetailSchema(Schema):
+    row = fields.Integer(allow_none=True)
+    column = fields.String(allow_none=True)
+    field = fields.String()
+    message = fields.String(required=True)
+
+
+class ErrorBodySchema(Schema):
+    code = fields.String(required=True)
+    message = fields.String(required=True)
+    details = fields.List(fields.Nested(ErrorDetailSchema), required=True)
+
+
+class ErrorSchema(Schema):
+    error = fields.Nested(ErrorBodySchema, required=True)
+
+
+class CreatedSchema(Schema):
+    request_id = fields.String(required=True)
+    status = fields.String(required=True, **_enum(RequestStatus))
+    status_url = fields.String(required=True)
+    products = fields.Integer(required=True)
+    images = fields.Integer(required=True)
+
+
+class ProgressSchema(Schema):
+    products_total = fields.Integer(required=True)
+    products_done = fields.Integer(required=True)
+    images_total = fields.Integer(required=True)
+    images_done = fields.Integer(required=True)
+    images_failed = fields.Integer(required=True)
+    percent = fields.Float(required=True)
+
+
+class WebhookInfoSchema(Schema):
+    url = fields.String(allow_none=True, required=True)
+    status = fields.String(required=True, **_enum(WebhookStatus))
+    attempts = fields.Integer(required=True)
+    last_attempt_at = fields.String(allow_none=True, required=True)
+    last_error = fields.String(allow_none=True, required=True)
+
+
+class ImageSchema(Schema):
+    input_url = fields.String(required=True)
+    output_url = fields.String(allow_none=True, required=True)
+    status = fields.String(required=True, **_enum(ImageStatus))
+    error = fields.String(allow_none=True, required=True)
+    input_bytes = fields.Integer(allow_none=True, required=True)
+    output_bytes = fields.Integer(allow_none=True, required=True)
+    width = fields.Integer(allow_none=True, required=True)
+    height = fields.Integer(allow_none=True, required=True)
+    format = fields.String(allow_none=True, required=True)
+
+
+class ProductSchema(Schema):
+    serial_number = fields.Integer(required=True)
+    product_name = fields.String(required=True)
+    status = fields.String(required=True, **_enum(ProductStatus))
+    input_image_urls = fields.List(fields.String(), required=True)
+    output_image_urls = fields.List(fields.String(allow_none=True), required=True)
+    images = fields.List(fields.Nested(ImageSchema), required=True)
+
+
+class PageSchema(Schema):
+    offset = fields.Integer(required=True)
+    limit = fields.Integer(required=True)
+    total = fields.Integer(required=True)
+
+
+class StatusSchema(Schema):
+    request_id = fields.String(required=True)
+    status = fields.String(required=True, **_enum(RequestStatus))
+    created_at = fields.String(required=True)
+    updated_at = fields.String(required=True)
+    completed_at = fields.String(allow_none=True, required=True)
+    progress = fields.Nested(ProgressSchema, required=True)
+    webhook = fields.Nested(WebhookInfoSchema, required=True)
+    output_csv_url = fields.String(required=True)
+    products = fields.List(fields.Nested(ProductSchema), required=True)
+    products_page = fields.Nested(PageSchema, required=True)
+
+
+class StatusQuerySchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    offset = fields.Integer(load_default=0, validate=validate.Range(min=0))
+    limit = fields.Integer(load_default=1000, validate=validate.Range(min=1, max=1000))
+
+
+class WebhookPayloadSchema(Schema):
+    type = fields.String(required=True, metadata={"enum": ["request.completed"]})
+    request_id = fields.String(required=True)
+    status = fields.String(required=True, **_enum(RequestStatus))
+    completed_at = fields.String(required=True)
+    progress = fields.Nested(ProgressSchema, required=True)
+    status_url = fields.String(required=True)
+    output_csv_url = fields.String(required=True)
+
+
+class HealthSchema(Schema):
+    status = fields.String(required=True, metadata={"enum": ["ok", "error"]})
+    db = fields.String(required=True, metadata={"enum": ["ok", "down"]})
+
+
+class UploadFormDocSchema(Schema):
+    """The multipart body as OpenAPI shows it."""
+
+    file = fields.Raw(required=True, metadata={"type": "string", "format": "binary"})
+    webhook_url = fields.String(metadata={"format": "uri"})
+    quality = fields.Integer(validate=validate.Range(min=1, max=95))
+    output_format = fields.String(**_enum(OutputFormat))
+
+
+created_schema = CreatedSchema()
+status_schema = StatusSchema()
+status_query_schema = StatusQuerySchema()
+webhook_payload_schema = WebhookPayloadSchema()
+error_schema = ErrorSchema()
+health_schema = HealthSchema()

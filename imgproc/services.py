@@ -1,0 +1,151 @@
+"""Builds and holds the per-process objects: Mongo client, store, storage, fetcher, webhook
+sender and worker; the views call its methods, the worker threads get its parts."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from imgproc.config import Settings
+from imgproc.errors import NotFound, NotReady, RequestNotFound
+from imgproc.fetcher import Fetcher
+from imgproc.models import (
+    TERMINAL_REQUEST,
+    Created,
+    ImageStatus,
+    ParsedCsv,
+    ProductStatus,
+    RequestStatus,
+    UploadOptions,
+    WebhookStatus,
+)
+from imgproc.reports import base_url, output_csv, status_view
+from imgproc.storage import LocalStorage, Storage, StoredFile
+from imgproc.store import EPOCH, Doc, Store, connect
+from imgproc.webhooks import WebhookSender
+from imgproc.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+def _valid_id(request_id: str) -> bool:
+    try:
+        return str(uuid.UUID(request_id, version=4)) == request_id
+    except ValueError:
+        return False
+
+
+class Services:
+    """Everything one process needs, built once."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.client = connect(settings.mongodb_uri, timeout_ms=settings.db_timeout_ms,
+                              pool_size=settings.workers + 16)
+        self.store = Store(self.client[settings.db_name])
+        self.storage: Storage = LocalStorage(settings.images_dir)
+        self.fetcher = Fetcher(settings)
+        self.webhooks = WebhookSender(settings)
+        self.worker = Worker(settings, self.store, self.storage, self.fetcher, self.webhooks)
+        self._ready = False
+        self._ready_lock = threading.Lock()
+
+    def ensure_ready(self) -> None:
+        """Create indexes once per process (at first use, not at import or start-up)."""
+        if self._ready:
+            return
+        with self._ready_lock:
+            if not self._ready:
+                self.store.ensure_indexes()
+                self._ready = True
+
+    def start(self) -> None:
+        """Start the background worker of this process."""
+        self.worker.start()
+
+    def close(self, grace: float | None = None) -> None:
+        """Stop the worker gracefully and close connections."""
+        self.worker.stop(grace)
+        self.fetcher.close()
+        self.webhooks.close()
+        self.client.close()
+
+    # ---- upload ------------------------------------------------------------------------
+
+    def submit(self, parsed: ParsedCsv, options: UploadOptions, root: str) -> Created:
+        """Store a validated upload in full and wake the worker."""
+        self.ensure_ready()
+        now = self.store.clock()
+        request_id = str(uuid.uuid4())
+        quality = options.quality or self.settings.default_quality
+        products = [{
+            "request_id": request_id,
+            "row": row.row,
+            "serial_number": row.serial_number,
+            "product_name": row.product_name,
+            "extra": row.extra,
+            "status": ProductStatus.PENDING.value,
+            "images": [{"input_url": url, "status": ImageStatus.PENDING.value, "attempts": 0}
+                       for url in row.input_urls],
+        } for row in parsed.rows]
+        request: Doc = {
+            "_id": request_id,
+            "status": RequestStatus.PENDING.value,
+            "created_at": now, "updated_at": now, "completed_at": None,
+            "products_total": len(products), "products_done": 0,
+            "images_total": parsed.image_count, "images_done": 0, "images_failed": 0,
+            "quality": quality, "output_format": options.output_format.value,
+            "webhook": {"url": options.webhook_url,
+                        "status": (WebhookStatus.PENDING if options.webhook_url
+                                   else WebhookStatus.NONE).value,
+                        "attempts": 0, "next_attempt_at": None, "last_attempt_at": None,
+                        "last_error": None},
+            "header": parsed.header, "roles": parsed.roles,
+            "base_url": root,
+            "lease_owner": None, "lease_until": EPOCH, "claims": 0,
+        }
+        self.store.create_request(request, products)
+        log.info("request %s accepted: %d products, %d images", request_id, len(products),
+                 parsed.image_count)
+        self.worker.wake()
+        return Created(request_id, RequestStatus.PENDING.value, len(products), parsed.image_count)
+
+    # ---- reads -------------------------------------------------------------------------
+
+    def _request(self, request_id: str) -> Doc:
+        request = self.store.get_request(request_id) if _valid_id(request_id) else None
+        if request is None:
+            raise RequestNotFound(f"no request with id {request_id!r}")
+        return request
+
+    def root(self, request: Doc) -> str:
+        """The absolute URL root of a request's links."""
+        return base_url(request, self.settings.public_url)
+
+    def status(self, request_id: str, offset: int, limit: int) -> dict[str, Any]:
+        """The status body of a request, one page of products."""
+        request = self._request(request_id)
+        products = self.store.page_products(request_id, offset, limit)
+        return status_view(request, products, self.root(request), offset, limit)
+
+    def output_csv(self, request_id: str) -> Iterator[str]:
+        """The output CSV of a finished request, streamed."""
+        request = self._request(request_id)
+        if request["status"] not in TERMINAL_REQUEST:
+            raise NotReady(f"request {request_id} is {request['status']}; the output CSV is "
+                           "ready once it is completed, completed_with_errors or failed")
+        return output_csv(request, self.store.iter_products(request_id), self.root(request))
+
+    def image(self, key: str) -> StoredFile:
+        """A stored output image."""
+        stored = self.storage.get(key)
+        if stored is None:
+            raise NotFound("no such image")
+        return stored
+
+    def healthy(self) -> bool:
+        """True when the database answers."""
+        return self.store.ping()

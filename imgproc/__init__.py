@@ -23,8 +23,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     from imgproc.services import Services
 
     settings = load_settings(config)
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s %(threadName)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(threadName)s: %(message)s",
+    )
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + 1024 * 1024  # form overhead
     app.json.sort_keys = False  # type: ignore[attr-defined]

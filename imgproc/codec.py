@@ -57,8 +57,9 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         raise CodecError("not an image, or an unsupported image format") from None
     width, height = image.size
     if width * height > max_pixels:
-        raise CodecError(f"too many pixels: {width}x{height} is over the limit of "
-                         f"{max_pixels:,} pixels")
+        raise CodecError(
+            f"too many pixels: {width}x{height} is over the limit of {max_pixels:,} pixels"
+        )
     try:
         image.load()
     except (OSError, SyntaxError, ValueError) as exc:
@@ -68,7 +69,8 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
 
 def _has_alpha(image: Image.Image) -> bool:
     return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        image.mode == "P" and "transparency" in image.info)
+        image.mode == "P" and "transparency" in image.info
+    )
 
 
 def _flatten(image: Image.Image) -> Image.Image:
@@ -78,8 +80,7 @@ def _flatten(image: Image.Image) -> Image.Image:
     return background
 
 
-def compress(data: bytes, *, quality: int, output_format: OutputFormat,
-             max_pixels: int) -> Encoded:
+def compress(data: bytes, *, quality: int, output_format: OutputFormat, max_pixels: int) -> Encoded:
     """Decode ``data`` and encode it at ``quality``, keeping its dimensions."""
     image = _open(data, max_pixels)
     input_format = image.format or "unknown"
@@ -91,14 +92,18 @@ def compress(data: bytes, *, quality: int, output_format: OutputFormat,
         target = "WEBP" if alpha else "JPEG"
     out = io.BytesIO()
     if target == "JPEG":
-        image = _flatten(image) if alpha else image.convert("L" if image.mode in (
-            "L", "1", "I;16", "I") else "RGB")
+        image = (
+            _flatten(image)
+            if alpha
+            else image.convert("L" if image.mode in ("L", "1", "I;16", "I") else "RGB")
+        )
         image.save(out, "JPEG", quality=quality, optimize=True, **extra)
     elif target == "WEBP":
         image = image.convert("RGBA" if alpha else "RGB")
         image.save(out, "WEBP", quality=quality, method=4, **extra)
     else:
         image = image.convert("RGBA" if alpha else "RGB").quantize(
-            256, method=Image.Quantize.FASTOCTREE if alpha else Image.Quantize.MEDIANCUT)
+            256, method=Image.Quantize.FASTOCTREE if alpha else Image.Quantize.MEDIANCUT
+        )
         image.save(out, "PNG", optimize=True, **extra)
     return Encoded(out.getvalue(), target, image.width, image.height, input_format)

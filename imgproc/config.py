@@ -126,32 +126,67 @@ def _check(ok: bool, field: str, message: str, value: Any) -> None:
 
 def validate(s: Settings) -> None:
     """Raise :class:`ConfigError` with a clear message for the first bad value."""
-    for field in ("workers", "max_active_requests", "max_rows", "max_urls_per_row",
-                  "fetch_attempts", "max_image_attempts", "max_upload_bytes",
-                  "max_image_bytes", "max_pixels", "db_timeout_ms"):
+    for field in (
+        "workers",
+        "max_active_requests",
+        "max_rows",
+        "max_urls_per_row",
+        "fetch_attempts",
+        "max_image_attempts",
+        "max_upload_bytes",
+        "max_image_bytes",
+        "max_pixels",
+        "db_timeout_ms",
+    ):
         _check(getattr(s, field) >= 1, field, "must be at least 1", getattr(s, field))
-    for field in ("lease_seconds", "poll_seconds", "connect_timeout", "read_timeout",
-                  "download_deadline", "webhook_timeout"):
+    for field in (
+        "lease_seconds",
+        "poll_seconds",
+        "connect_timeout",
+        "read_timeout",
+        "download_deadline",
+        "webhook_timeout",
+    ):
         _check(getattr(s, field) > 0, field, "must be greater than 0", getattr(s, field))
     for field in ("shutdown_grace_seconds", "fetch_backoff"):
         _check(getattr(s, field) >= 0, field, "must not be negative", getattr(s, field))
     _check(1 <= s.default_quality <= 95, "default_quality", "must be 1-95", s.default_quality)
     _check(s.storage in ("local",), "storage", "must be 'local'", s.storage)
-    _check(s.mongodb_uri.startswith(("mongodb://", "mongodb+srv://")), "mongodb_uri",
-           "must start with mongodb:// or mongodb+srv://", s.mongodb_uri)
-    _check(bool(s.db_name) and not set(s.db_name) & set('/\\. "$'), "db_name",
-           "must be a plain database name", s.db_name)
-    _check(s.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",
-           "must be DEBUG, INFO, WARNING or ERROR", s.log_level)
+    _check(
+        s.mongodb_uri.startswith(("mongodb://", "mongodb+srv://")),
+        "mongodb_uri",
+        "must start with mongodb:// or mongodb+srv://",
+        s.mongodb_uri,
+    )
+    _check(
+        bool(s.db_name) and not set(s.db_name) & set('/\\. "$'),
+        "db_name",
+        "must be a plain database name",
+        s.db_name,
+    )
+    _check(
+        s.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
+        "log_level",
+        "must be DEBUG, INFO, WARNING or ERROR",
+        s.log_level,
+    )
     if s.public_url is not None:
         parts = urlsplit(s.public_url)
-        _check(parts.scheme in ("http", "https") and bool(parts.netloc) and not parts.query,
-               "public_url", "must be an absolute http(s) URL", s.public_url)
+        _check(
+            parts.scheme in ("http", "https") and bool(parts.netloc) and not parts.query,
+            "public_url",
+            "must be an absolute http(s) URL",
+            s.public_url,
+        )
     if s.webhook_secret is not None:
         secret = s.webhook_secret.removeprefix("whsec_")
         try:
             ok = len(base64.b64decode(secret + "==", validate=True)) >= 16
         except (binascii.Error, ValueError):
             ok = False
-        _check(ok, "webhook_secret",
-               "must be a Standard Webhooks secret: 'whsec_' + base64 of 16+ bytes", "***")
+        _check(
+            ok,
+            "webhook_secret",
+            "must be a Standard Webhooks secret: 'whsec_' + base64 of 16+ bytes",
+            "***",
+        )

@@ -66,8 +66,10 @@ def decode(data: bytes) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise InvalidCsv(f"the file is not UTF-8 text (bad byte at line {line}, "
-                         f"offset {exc.start}); save it as CSV UTF-8") from None
+        raise InvalidCsv(
+            f"the file is not UTF-8 text (bad byte at line {line}, "
+            f"offset {exc.start}); save it as CSV UTF-8"
+        ) from None
 
 
 def _roles(header: list[str], problems: _Problems) -> dict[str, int]:
@@ -121,26 +123,34 @@ def parse_csv(data: bytes, *, max_rows: int, max_urls_per_row: int) -> ParsedCsv
         while len(cells) > len(header) and not cells[-1].strip():
             cells.pop()  # trailing empty cells, as spreadsheets often write
         if len(cells) > len(header):
-            problems.add(row_number, None,
-                         f"has {len(cells)} cells but the header has {len(header)} columns")
+            problems.add(
+                row_number, None, f"has {len(cells)} cells but the header has {len(header)} columns"
+            )
             continue
         cells += [""] * (len(header) - len(cells))
         raw = {role: cells[index] for role, index in roles.items()}
         try:
             loaded = schema.load(raw)
         except ValidationError as exc:
-            for role, messages in sorted(_flatten(exc.messages).items(),
-                                         key=lambda item: roles.get(item[0], 0)):
+            for role, messages in sorted(
+                _flatten(exc.messages).items(), key=lambda item: roles.get(item[0], 0)
+            ):
                 for message in messages:
                     problems.add(row_number, ROLE_COLUMNS.get(role, role), message)
             continue
         first = serials.setdefault(loaded["serial_number"], row_number)
         if first != row_number:
-            problems.add(row_number, ROLE_COLUMNS["serial_number"],
-                         f"duplicate serial number {loaded['serial_number']} (first at row {first})")
+            problems.add(
+                row_number,
+                ROLE_COLUMNS["serial_number"],
+                f"duplicate serial number {loaded['serial_number']} (first at row {first})",
+            )
             continue
-        extra = {name: cells[i] for i, name in enumerate(header)
-                 if i not in roles.values() and name != OUTPUT_COLUMN}
+        extra = {
+            name: cells[i]
+            for i, name in enumerate(header)
+            if i not in roles.values() and name != OUTPUT_COLUMN
+        }
         rows.append(ProductRow(row=row_number, extra=extra, **loaded))
     if not rows and not problems.total:
         raise InvalidCsv("the file has a header but no product rows")

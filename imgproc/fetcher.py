@@ -76,12 +76,18 @@ def describe_transport_error(exc: requests.RequestException) -> tuple[str, bool]
 class Fetcher:
     """Downloads one URL at a time per calling thread; safe to share between threads."""
 
-    def __init__(self, settings: Settings, *, sleep: Callable[[float], None] = time.sleep,
-                 session: requests.Session | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        session: requests.Session | None = None,
+    ) -> None:
         self.settings = settings
         self.sleep = sleep
-        self.session = session or make_session(allow_private=settings.allow_private_urls,
-                                               pool_size=settings.workers * 2)
+        self.session = session or make_session(
+            allow_private=settings.allow_private_urls, pool_size=settings.workers * 2
+        )
 
     def close(self) -> None:
         """Close pooled connections."""
@@ -107,7 +113,9 @@ class Fetcher:
                 raise FetchError(refusal)
             try:
                 response = self.session.get(
-                    current, stream=True, allow_redirects=False,
+                    current,
+                    stream=True,
+                    allow_redirects=False,
                     timeout=(self.settings.connect_timeout, self.settings.read_timeout),
                     headers={"Accept": "image/*", "Accept-Encoding": "identity"},
                 )
@@ -145,7 +153,8 @@ class Fetcher:
                 chunks.append(chunk)
                 if time.monotonic() > deadline:
                     raise FetchError(
-                        f"download took longer than {self.settings.download_deadline:g} s")
+                        f"download took longer than {self.settings.download_deadline:g} s"
+                    )
         except requests.RequestException as exc:
             raise FetchError(describe_transport_error(exc)[0]) from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:  # timeouts, resets, cut bodies

@@ -107,11 +107,13 @@ class _GuardedHTTPSPool(HTTPSConnectionPool):
 class GuardedAdapter(HTTPAdapter):
     """An HTTPAdapter whose connections refuse non-public addresses at connect time."""
 
-    def init_poolmanager(self, connections: int, maxsize: int, block: bool = False,
-                         **pool_kwargs: Any) -> None:
+    def init_poolmanager(
+        self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any
+    ) -> None:
         super().init_poolmanager(connections, maxsize, block, **pool_kwargs)
         self.poolmanager.pool_classes_by_scheme = {
-            "http": _GuardedHTTPPool, "https": _GuardedHTTPSPool,
+            "http": _GuardedHTTPPool,
+            "https": _GuardedHTTPSPool,
         }
 
 

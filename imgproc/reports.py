@@ -58,17 +58,19 @@ def product_view(product: Doc, root: str) -> Doc:
     images = []
     for image in product["images"]:
         done = image["status"] == ImageStatus.DONE
-        images.append({
-            "input_url": image["input_url"],
-            "output_url": image_url(root, image.get("output_key")) if done else None,
-            "status": image["status"],
-            "error": image.get("error"),
-            "input_bytes": image.get("input_bytes"),
-            "output_bytes": image.get("output_bytes"),
-            "width": image.get("width"),
-            "height": image.get("height"),
-            "format": image.get("format"),
-        })
+        images.append(
+            {
+                "input_url": image["input_url"],
+                "output_url": image_url(root, image.get("output_key")) if done else None,
+                "status": image["status"],
+                "error": image.get("error"),
+                "input_bytes": image.get("input_bytes"),
+                "output_bytes": image.get("output_bytes"),
+                "width": image.get("width"),
+                "height": image.get("height"),
+                "format": image.get("format"),
+            }
+        )
     return {
         "serial_number": product["serial_number"],
         "product_name": product["product_name"],
@@ -99,8 +101,11 @@ def status_view(request: Doc, products: list[Doc], root: str, offset: int, limit
         "webhook": webhook_info(request),
         "output_csv_url": links(request, root)["output_csv_url"],
         "products": [product_view(p, root) for p in products],
-        "products_page": {"offset": offset, "limit": limit,
-                          "total": request.get("products_total", 0)},
+        "products_page": {
+            "offset": offset,
+            "limit": limit,
+            "total": request.get("products_total", 0),
+        },
     }
 
 
@@ -144,7 +149,10 @@ def output_csv(request: Doc, products: Iterable[Doc], root: str) -> Iterator[str
             "input_urls": ",".join(view["input_image_urls"]),
         }
         extra: dict[str, str] = product.get("extra") or {}
-        cells = [values[by_index[i]] if i in by_index else extra.get(name, "")
-                 for i, name in enumerate(request["header"]) if name != OUTPUT_COLUMN]
+        cells = [
+            values[by_index[i]] if i in by_index else extra.get(name, "")
+            for i, name in enumerate(request["header"])
+            if name != OUTPUT_COLUMN
+        ]
         outputs = ",".join(u or "" for u in view["output_image_urls"])
         yield line([*cells, outputs])

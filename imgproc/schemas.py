@@ -69,7 +69,8 @@ class UrlList(fields.Field[list[str]]):
             raise ValidationError("no image URL")
         if len(pieces) > max_urls:
             raise ValidationError(f"{len(pieces)} URLs; at most {max_urls} per row")
-        urls, errors = [], []
+        urls: list[str] = []
+        errors: list[str] = []
         for piece in pieces:
             try:
                 urls.append(check_http_url(piece))
@@ -101,8 +102,10 @@ class CsvRowSchema(Schema):
     serial_number = SerialNumber(required=True)
     product_name = fields.String(
         required=True,
-        validate=[validate.Length(min=1, error="must not be empty"),
-                  validate.Length(max=512, error="longer than 512 characters")],
+        validate=[
+            validate.Length(min=1, error="must not be empty"),
+            validate.Length(max=512, error="longer than 512 characters"),
+        ],
     )
 
     input_urls = UrlList(required=True)
@@ -124,12 +127,17 @@ class UploadFormSchema(Schema):
 
     webhook_url = fields.String(load_default=None)
     quality = fields.Integer(
-        load_default=None, strict=False,
+        load_default=None,
+        strict=False,
         validate=validate.Range(min=1, max=95, error="must be a whole number from 1 to 95"),
         error_messages={"invalid": "must be a whole number from 1 to 95"},
     )
-    output_format = fields.Enum(OutputFormat, by_value=True, load_default=OutputFormat.AUTO,
-                                error_messages={"unknown": "must be one of auto, jpeg, webp, png"})
+    output_format = fields.Enum(
+        OutputFormat,
+        by_value=True,
+        load_default=OutputFormat.AUTO,
+        error_messages={"unknown": "must be one of auto, jpeg, webp, png"},
+    )
 
     def __init__(self, *, allow_private_urls: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -149,8 +157,7 @@ class UploadFormSchema(Schema):
             raise ValidationError("credentials in the URL are not allowed", "webhook_url")
         refusal = host_refusal(urlsplit(url).hostname or "")
         if refusal and not self.allow_private_urls:
-            raise ValidationError(f"{refusal}: webhooks go to public addresses only",
-                                  "webhook_url")
+            raise ValidationError(f"{refusal}: webhooks go to public addresses only", "webhook_url")
         data["webhook_url"] = url
 
 

@@ -43,8 +43,9 @@ class Services:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.client = connect(settings.mongodb_uri, timeout_ms=settings.db_timeout_ms,
-                              pool_size=settings.workers + 16)
+        self.client = connect(
+            settings.mongodb_uri, timeout_ms=settings.db_timeout_ms, pool_size=settings.workers + 16
+        )
         self.store = Store(self.client[settings.db_name])
         self.storage: Storage = LocalStorage(settings.images_dir)
         self.fetcher = Fetcher(settings)
@@ -81,35 +82,58 @@ class Services:
         now = self.store.clock()
         request_id = str(uuid.uuid4())
         quality = options.quality or self.settings.default_quality
-        products = [{
-            "request_id": request_id,
-            "row": row.row,
-            "serial_number": row.serial_number,
-            "product_name": row.product_name,
-            "extra": row.extra,
-            "status": ProductStatus.PENDING.value,
-            "images": [{"input_url": url, "status": ImageStatus.PENDING.value, "attempts": 0}
-                       for url in row.input_urls],
-        } for row in parsed.rows]
+        products = [
+            {
+                "request_id": request_id,
+                "row": row.row,
+                "serial_number": row.serial_number,
+                "product_name": row.product_name,
+                "extra": row.extra,
+                "status": ProductStatus.PENDING.value,
+                "images": [
+                    {"input_url": url, "status": ImageStatus.PENDING.value, "attempts": 0}
+                    for url in row.input_urls
+                ],
+            }
+            for row in parsed.rows
+        ]
         request: Doc = {
             "_id": request_id,
             "status": RequestStatus.PENDING.value,
-            "created_at": now, "updated_at": now, "completed_at": None,
-            "products_total": len(products), "products_done": 0,
-            "images_total": parsed.image_count, "images_done": 0, "images_failed": 0,
-            "quality": quality, "output_format": options.output_format.value,
-            "webhook": {"url": options.webhook_url,
-                        "status": (WebhookStatus.PENDING if options.webhook_url
-                                   else WebhookStatus.NONE).value,
-                        "attempts": 0, "next_attempt_at": None, "last_attempt_at": None,
-                        "last_error": None},
-            "header": parsed.header, "roles": parsed.roles,
+            "created_at": now,
+            "updated_at": now,
+            "completed_at": None,
+            "products_total": len(products),
+            "products_done": 0,
+            "images_total": parsed.image_count,
+            "images_done": 0,
+            "images_failed": 0,
+            "quality": quality,
+            "output_format": options.output_format.value,
+            "webhook": {
+                "url": options.webhook_url,
+                "status": (
+                    WebhookStatus.PENDING if options.webhook_url else WebhookStatus.NONE
+                ).value,
+                "attempts": 0,
+                "next_attempt_at": None,
+                "last_attempt_at": None,
+                "last_error": None,
+            },
+            "header": parsed.header,
+            "roles": parsed.roles,
             "base_url": root,
-            "lease_owner": None, "lease_until": EPOCH, "claims": 0,
+            "lease_owner": None,
+            "lease_until": EPOCH,
+            "claims": 0,
         }
         self.store.create_request(request, products)
-        log.info("request %s accepted: %d products, %d images", request_id, len(products),
-                 parsed.image_count)
+        log.info(
+            "request %s accepted: %d products, %d images",
+            request_id,
+            len(products),
+            parsed.image_count,
+        )
         self.worker.wake()
         return Created(request_id, RequestStatus.PENDING.value, len(products), parsed.image_count)
 
@@ -135,8 +159,10 @@ class Services:
         """The output CSV of a finished request, streamed."""
         request = self._request(request_id)
         if request["status"] not in TERMINAL_REQUEST:
-            raise NotReady(f"request {request_id} is {request['status']}; the output CSV is "
-                           "ready once it is completed, completed_with_errors or failed")
+            raise NotReady(
+                f"request {request_id} is {request['status']}; the output CSV is "
+                "ready once it is completed, completed_with_errors or failed"
+            )
         return output_csv(request, self.store.iter_products(request_id), self.root(request))
 
     def image(self, key: str) -> StoredFile:

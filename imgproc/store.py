@@ -68,8 +68,9 @@ class Store:
         """Create the indexes every query here relies on (idempotent)."""
         self.products.create_index([("request_id", ASCENDING), ("row", ASCENDING)], unique=True)
         self.requests.create_index([("status", ASCENDING), ("lease_until", ASCENDING)])
-        self.requests.create_index([("webhook.status", ASCENDING),
-                                    ("webhook.next_attempt_at", ASCENDING)])
+        self.requests.create_index(
+            [("webhook.status", ASCENDING), ("webhook.next_attempt_at", ASCENDING)]
+        )
         self.requests.create_index([("created_at", DESCENDING)])
 
     def ping(self) -> bool:
@@ -91,7 +92,7 @@ class Store:
         """
         try:
             for start in range(0, len(products), 1000):
-                self.products.insert_many(products[start:start + 1000], ordered=False)
+                self.products.insert_many(products[start : start + 1000], ordered=False)
             self.requests.insert_one(request)
         except BaseException:
             try:
@@ -107,14 +108,21 @@ class Store:
 
     def page_products(self, request_id: str, offset: int, limit: int) -> list[Doc]:
         """Products of a request in input order, one page."""
-        cursor = (self.products.find({"request_id": request_id})
-                  .sort("row", ASCENDING).skip(offset).limit(limit))
+        cursor = (
+            self.products.find({"request_id": request_id})
+            .sort("row", ASCENDING)
+            .skip(offset)
+            .limit(limit)
+        )
         return list(cursor)
 
     def iter_products(self, request_id: str, batch_size: int = 500) -> Iterator[Doc]:
         """All products of a request in input order, streamed."""
-        return iter(self.products.find({"request_id": request_id})
-                    .sort("row", ASCENDING).batch_size(batch_size))
+        return iter(
+            self.products.find({"request_id": request_id})
+            .sort("row", ASCENDING)
+            .batch_size(batch_size)
+        )
 
     # ---- claims and leases -------------------------------------------------------------
 
@@ -123,10 +131,15 @@ class Store:
         now = self.clock()
         return self.requests.find_one_and_update(
             {"status": {"$in": _ACTIVE}, "lease_until": {"$lt": now}},
-            {"$set": {"status": RequestStatus.PROCESSING.value, "lease_owner": owner,
-                      "lease_until": now + timedelta(seconds=lease_seconds),
-                      "updated_at": now},
-             "$inc": {"claims": 1}},
+            {
+                "$set": {
+                    "status": RequestStatus.PROCESSING.value,
+                    "lease_owner": owner,
+                    "lease_until": now + timedelta(seconds=lease_seconds),
+                    "updated_at": now,
+                },
+                "$inc": {"claims": 1},
+            },
             sort=[("lease_until", ASCENDING)],
             return_document=ReturnDocument.AFTER,
         )
@@ -142,17 +155,23 @@ class Store:
 
     def release_lease(self, request_id: str, owner: str) -> None:
         """Give the request back so any process can claim it at once."""
-        self.requests.update_one({"_id": request_id, "lease_owner": owner},
-                                 {"$set": {"lease_until": EPOCH, "lease_owner": None}})
+        self.requests.update_one(
+            {"_id": request_id, "lease_owner": owner},
+            {"$set": {"lease_until": EPOCH, "lease_owner": None}},
+        )
 
     # ---- per-image work ----------------------------------------------------------------
 
     def open_products(self, request_id: str) -> Iterator[Doc]:
         """Products of a request that are not finished yet, in input order."""
-        return iter(self.products.find(
-            {"request_id": request_id, "status": {"$in": _OPEN_PRODUCT}},
-            {"row": 1, "images": 1, "status": 1},
-        ).sort("row", ASCENDING).batch_size(200))
+        return iter(
+            self.products.find(
+                {"request_id": request_id, "status": {"$in": _OPEN_PRODUCT}},
+                {"row": 1, "images": 1, "status": 1},
+            )
+            .sort("row", ASCENDING)
+            .batch_size(200)
+        )
 
     def start_images(self, product_id: Any, indexes: Iterable[int]) -> None:
         """Mark a product's unfinished images as processing and count the attempt."""
@@ -189,15 +208,18 @@ class Store:
         now = self.clock()
         self.requests.update_one(
             {"_id": request_id},
-            {"$inc": {"images_done": done, "images_failed": failed, "products_done": products},
-             "$set": {"updated_at": now}},
+            {
+                "$inc": {"images_done": done, "images_failed": failed, "products_done": products},
+                "$set": {"updated_at": now},
+            },
         )
 
     def count_outcomes(self, request_id: str) -> Doc:
         """Counters recomputed from the products (the truth, whatever the live counters say)."""
         counts = {"images_done": 0, "images_failed": 0, "products_done": 0, "open_images": 0}
-        for product in self.products.find({"request_id": request_id},
-                                          {"images.status": 1, "status": 1}).batch_size(1000):
+        for product in self.products.find(
+            {"request_id": request_id}, {"images.status": 1, "status": 1}
+        ).batch_size(1000):
             for image in product["images"]:
                 status = image["status"]
                 if status == ImageStatus.DONE:
@@ -217,21 +239,27 @@ class Store:
             {"$set": {k: counts[k] for k in ("images_done", "images_failed", "products_done")}},
         )
 
-    def finish_request(self, request_id: str, status: RequestStatus, counts: Doc, *,
-                       has_webhook: bool) -> bool:
+    def finish_request(
+        self, request_id: str, status: RequestStatus, counts: Doc, *, has_webhook: bool
+    ) -> bool:
         """The terminal transition, exactly once; queues the webhook in the same update."""
         now = self.clock()
         sets: Doc = {
-            "status": status.value, "completed_at": now, "updated_at": now,
-            "lease_owner": None, "lease_until": EPOCH,
-            "images_done": counts["images_done"], "images_failed": counts["images_failed"],
+            "status": status.value,
+            "completed_at": now,
+            "updated_at": now,
+            "lease_owner": None,
+            "lease_until": EPOCH,
+            "images_done": counts["images_done"],
+            "images_failed": counts["images_failed"],
             "products_done": counts["products_done"],
         }
         if has_webhook:
             sets["webhook.status"] = WebhookStatus.PENDING.value
             sets["webhook.next_attempt_at"] = now
         result = self.requests.update_one(
-            {"_id": request_id, "status": RequestStatus.PROCESSING.value}, {"$set": sets})
+            {"_id": request_id, "status": RequestStatus.PROCESSING.value}, {"$set": sets}
+        )
         return result.modified_count == 1
 
     # ---- webhook outbox ----------------------------------------------------------------
@@ -240,15 +268,29 @@ class Store:
         """Take one due webhook delivery; the claim pushes its due time past the lease."""
         now = self.clock()
         return self.requests.find_one_and_update(
-            {"webhook.status": WebhookStatus.PENDING.value, "webhook.next_attempt_at": {"$lte": now}},
-            {"$set": {"webhook.next_attempt_at": now + timedelta(seconds=lease_seconds),
-                      "webhook.owner": owner}},
+            {
+                "webhook.status": WebhookStatus.PENDING.value,
+                "webhook.next_attempt_at": {"$lte": now},
+            },
+            {
+                "$set": {
+                    "webhook.next_attempt_at": now + timedelta(seconds=lease_seconds),
+                    "webhook.owner": owner,
+                }
+            },
             sort=[("webhook.next_attempt_at", ASCENDING)],
             return_document=ReturnDocument.AFTER,
         )
 
-    def record_webhook_attempt(self, request_id: str, owner: str, *, delivered: bool,
-                               error: str | None, retry_at: datetime | None) -> None:
+    def record_webhook_attempt(
+        self,
+        request_id: str,
+        owner: str,
+        *,
+        delivered: bool,
+        error: str | None,
+        retry_at: datetime | None,
+    ) -> None:
         """Write the outcome of one delivery attempt."""
         now = self.clock()
         if delivered:
@@ -258,11 +300,19 @@ class Store:
         else:
             status = WebhookStatus.PENDING
         self.requests.update_one(
-            {"_id": request_id, "webhook.owner": owner,
-             "webhook.status": WebhookStatus.PENDING.value},
-            {"$set": {"webhook.status": status.value, "webhook.last_attempt_at": now,
-                      "webhook.last_error": error, "webhook.next_attempt_at": retry_at,
-                      "updated_at": now},
-             "$inc": {"webhook.attempts": 1}},
+            {
+                "_id": request_id,
+                "webhook.owner": owner,
+                "webhook.status": WebhookStatus.PENDING.value,
+            },
+            {
+                "$set": {
+                    "webhook.status": status.value,
+                    "webhook.last_attempt_at": now,
+                    "webhook.last_error": error,
+                    "webhook.next_attempt_at": retry_at,
+                    "updated_at": now,
+                },
+                "$inc": {"webhook.attempts": 1},
+            },
         )
-

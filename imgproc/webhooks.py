@@ -38,8 +38,9 @@ class WebhookSender:
     def __init__(self, settings: Settings, session: requests.Session | None = None) -> None:
         self.settings = settings
         self.signer = Webhook(settings.webhook_secret) if settings.webhook_secret else None
-        self.session = session or make_session(allow_private=settings.allow_private_urls,
-                                               pool_size=4)
+        self.session = session or make_session(
+            allow_private=settings.allow_private_urls, pool_size=4
+        )
 
     def close(self) -> None:
         """Close pooled connections."""
@@ -56,8 +57,9 @@ class WebhookSender:
             headers["webhook-signature"] = self.signer.sign(msg_id, sent_at, body)
         return headers
 
-    def deliver(self, url: str, msg_id: str, payload: dict[str, Any],
-                sent_at: datetime) -> Delivery:
+    def deliver(
+        self, url: str, msg_id: str, payload: dict[str, Any], sent_at: datetime
+    ) -> Delivery:
         """POST ``payload`` once; 2xx is success, anything else a short reason."""
         refusal = url_refusal(url, allow_private=self.settings.allow_private_urls)
         if refusal:
@@ -65,7 +67,9 @@ class WebhookSender:
         body = json.dumps(payload, separators=(",", ":"))
         try:
             response = self.session.post(
-                url, data=body.encode(), headers=self.headers(msg_id, sent_at, body),
+                url,
+                data=body.encode(),
+                headers=self.headers(msg_id, sent_at, body),
                 timeout=(self.settings.connect_timeout, self.settings.webhook_timeout),
                 allow_redirects=False,
             )

@@ -69,8 +69,14 @@ def decide_status(counts: Doc) -> RequestStatus:
 class Worker:
     """Runs the image work of this process."""
 
-    def __init__(self, settings: Settings, store: Store, storage: Storage, fetcher: Fetcher,
-                 webhooks: WebhookSender) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        storage: Storage,
+        fetcher: Fetcher,
+        webhooks: WebhookSender,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.storage = storage
@@ -92,8 +98,9 @@ class Worker:
         if self._dispatcher is not None:
             return
         self._executor = ThreadPoolExecutor(self.settings.workers, thread_name_prefix="imgproc")
-        self._dispatcher = threading.Thread(target=self._dispatch_loop, name="imgproc-dispatch",
-                                            daemon=True)
+        self._dispatcher = threading.Thread(
+            target=self._dispatch_loop, name="imgproc-dispatch", daemon=True
+        )
         self._dispatcher.start()
         log.info("worker %s started with %d threads", self.owner, self.settings.workers)
 
@@ -150,7 +157,7 @@ class Worker:
             except Exception:
                 failures += 1
                 log.exception("dispatcher error")
-            delay = self.settings.poll_seconds * min(2 ** failures, 10)
+            delay = self.settings.poll_seconds * min(2**failures, 10)
             self._wake.wait(delay)
             self._wake.clear()
 
@@ -179,8 +186,9 @@ class Worker:
             with self._lock:
                 self._jobs[job.id] = job
             log.info("claimed request %s (%d images)", job.id, request.get("images_total", 0))
-            threading.Thread(target=self._run_job, args=(job,), name=f"imgproc-job-{job.id[:8]}",
-                             daemon=True).start()
+            threading.Thread(
+                target=self._run_job, args=(job,), name=f"imgproc-job-{job.id[:8]}", daemon=True
+            ).start()
 
     def _claim_webhooks(self) -> None:
         assert self._executor is not None
@@ -224,15 +232,22 @@ class Worker:
         for product in self.store.open_products(job.id):
             if job.lost or self._stopping.is_set():
                 return
-            todo = [i for i, image in enumerate(product["images"])
-                    if image["status"] not in TERMINAL_IMAGE]
-            exhausted = [i for i in todo
-                         if product["images"][i].get("attempts", 0) >= max_attempts]
+            todo = [
+                i
+                for i, image in enumerate(product["images"])
+                if image["status"] not in TERMINAL_IMAGE
+            ]
+            exhausted = [i for i in todo if product["images"][i].get("attempts", 0) >= max_attempts]
             for i in exhausted:  # a poison image that killed its process each time
-                self._record(job, product["_id"], i, {
-                    "status": ImageStatus.FAILED.value,
-                    "error": f"gave up after {max_attempts} attempts",
-                })
+                self._record(
+                    job,
+                    product["_id"],
+                    i,
+                    {
+                        "status": ImageStatus.FAILED.value,
+                        "error": f"gave up after {max_attempts} attempts",
+                    },
+                )
             todo = [i for i in todo if i not in exhausted]
             if not todo:
                 self._settle_product(job, product["_id"], product)
@@ -244,8 +259,13 @@ class Worker:
                     self._slots.release()
                     return
                 future = self._executor.submit(
-                    self._process_image, job, product["_id"], product["row"], i,
-                    product["images"][i]["input_url"])
+                    self._process_image,
+                    job,
+                    product["_id"],
+                    product["row"],
+                    i,
+                    product["images"][i]["input_url"],
+                )
                 future.add_done_callback(lambda _f: self._slots.release())
                 job.futures.append(future)
 
@@ -257,22 +277,31 @@ class Worker:
         try:
             fetched = self.fetcher.fetch(url)
             encoded = codec.compress(
-                fetched.data, quality=job.request["quality"],
+                fetched.data,
+                quality=job.request["quality"],
                 output_format=OutputFormat(job.request["output_format"]),
-                max_pixels=self.settings.max_pixels)
+                max_pixels=self.settings.max_pixels,
+            )
             key = image_key(job.id, row, index, encoded.extension)
             self.storage.put(key, encoded.data)
             outcome = {
-                "status": ImageStatus.DONE.value, "error": None, "output_key": key,
-                "input_bytes": len(fetched.data), "output_bytes": len(encoded.data),
-                "width": encoded.width, "height": encoded.height, "format": encoded.format,
+                "status": ImageStatus.DONE.value,
+                "error": None,
+                "output_key": key,
+                "input_bytes": len(fetched.data),
+                "output_bytes": len(encoded.data),
+                "width": encoded.width,
+                "height": encoded.height,
+                "format": encoded.format,
             }
         except (FetchError, CodecError) as exc:
             outcome = {"status": ImageStatus.FAILED.value, "error": exc.reason}
         except Exception:
             log.exception("request %s row %d image %d: unexpected error", job.id, row, index)
-            outcome = {"status": ImageStatus.FAILED.value,
-                       "error": "internal error while processing the image"}
+            outcome = {
+                "status": ImageStatus.FAILED.value,
+                "error": "internal error while processing the image",
+            }
         self._record_with_retry(job, product_id, index, outcome)
 
     def _record_with_retry(self, job: Job, product_id: Any, index: int, outcome: Doc) -> None:
@@ -285,8 +314,9 @@ class Worker:
                 return
             except DatabaseDown as exc:
                 if time.monotonic() > deadline or self._stopping.is_set():
-                    log.warning("request %s: could not record an image (%s); it will be redone",
-                                job.id, exc)
+                    log.warning(
+                        "request %s: could not record an image (%s); it will be redone", job.id, exc
+                    )
                     job.lost = True
                     return
                 time.sleep(delay)
@@ -304,8 +334,9 @@ class Worker:
         products = self._settle_product(job, product_id, product, count=False)
         self.store.add_progress(job.id, done=int(done), failed=int(not done), products=products)
 
-    def _settle_product(self, job: Job, product_id: Any, product: Doc, *,
-                        count: bool = True) -> int:
+    def _settle_product(
+        self, job: Job, product_id: Any, product: Doc, *, count: bool = True
+    ) -> int:
         """Finish the product if all its images are; 1 if this call finished it."""
         statuses = [image["status"] for image in product["images"]]
         if any(s not in TERMINAL_IMAGE for s in statuses):
@@ -321,15 +352,23 @@ class Worker:
     def _finish(self, job: Job) -> None:
         counts = self.store.count_outcomes(job.id)
         if counts["open_images"]:
-            log.info("request %s still has %d open images; releasing it for another pass",
-                     job.id, counts["open_images"])
+            log.info(
+                "request %s still has %d open images; releasing it for another pass",
+                job.id,
+                counts["open_images"],
+            )
             self._release(job)
             return
         status = decide_status(counts)
         has_webhook = bool((job.request.get("webhook") or {}).get("url"))
         if self.store.finish_request(job.id, status, counts, has_webhook=has_webhook):
-            log.info("request %s %s: %d done, %d failed", job.id, status.value,
-                     counts["images_done"], counts["images_failed"])
+            log.info(
+                "request %s %s: %d done, %d failed",
+                job.id,
+                status.value,
+                counts["images_done"],
+                counts["images_failed"],
+            )
             if has_webhook:
                 self._wake.set()
 
@@ -341,20 +380,31 @@ class Worker:
         try:
             root = base_url(request, self.settings.public_url)
             now = self.store.clock()
-            delivery = self.webhooks.deliver(hook["url"], message_id(request_id),
-                                             webhook_payload(request, root), now)
+            delivery = self.webhooks.deliver(
+                hook["url"], message_id(request_id), webhook_payload(request, root), now
+            )
             delays = self.settings.webhook_retry_delays
             attempt = hook.get("attempts", 0)  # attempts before this one
             retry_at = None
             if not delivery.ok and attempt < len(delays):
                 retry_at = now + timedelta(seconds=delays[attempt])
-            self.store.record_webhook_attempt(request_id, self.owner, delivered=delivery.ok,
-                                              error=delivery.error, retry_at=retry_at)
+            self.store.record_webhook_attempt(
+                request_id,
+                self.owner,
+                delivered=delivery.ok,
+                error=delivery.error,
+                retry_at=retry_at,
+            )
             if delivery.ok:
                 log.info("request %s: webhook delivered", request_id)
             else:
-                log.warning("request %s: webhook attempt %d failed: %s%s", request_id,
-                            attempt + 1, delivery.error, "" if retry_at else " (giving up)")
+                log.warning(
+                    "request %s: webhook attempt %d failed: %s%s",
+                    request_id,
+                    attempt + 1,
+                    delivery.error,
+                    "" if retry_at else " (giving up)",
+                )
         except Exception:
             # The claim expires and the delivery is tried again; never kill the pool thread.
             log.exception("request %s: webhook delivery crashed", request_id)

@@ -31,10 +31,12 @@ bp = Blueprint("csv", __name__)
 
 
 def _field_errors(exc: ValidationError) -> InvalidField:
-    messages = exc.normalized_messages()
-    details = [{"field": name, "message": message}
-               for name, value in sorted(messages.items())
-               for message in (value if isinstance(value, list) else [str(value)])]
+    messages = exc.normalized_messages()  # type: ignore[no-untyped-call]
+    details = [
+        {"field": name, "message": message}
+        for name, value in sorted(messages.items())
+        for message in (value if isinstance(value, list) else [str(value)])
+    ]
     names = ", ".join(sorted(messages))
     return InvalidField(f"invalid form field: {names}", details)
 
@@ -53,11 +55,15 @@ def _read_upload(files: Any, max_bytes: int) -> bytes:
 
 @bp.post("/csv/upload")
 @bp.post("/upload/")
-@doc(summary="Upload a CSV of products and image URLs", tags=["requests"],
-     requestBody={"required": True,
-                  "content": {"multipart/form-data": {"schema": "UploadForm"}}},
-     responses={"202": json_response("Accepted and queued", "Created"),
-                **error_responses("400", "413", "415", "500", "503")})
+@doc(
+    summary="Upload a CSV of products and image URLs",
+    tags=["requests"],
+    requestBody={"required": True, "content": {"multipart/form-data": {"schema": "UploadForm"}}},
+    responses={
+        "202": json_response("Accepted and queued", "Created"),
+        **error_responses("400", "413", "415", "500", "503"),
+    },
+)
 def upload() -> tuple[dict[str, Any], int, dict[str, str]]:
     """Accept a CSV of products and queue its images."""
     svc = services()
@@ -65,13 +71,11 @@ def upload() -> tuple[dict[str, Any], int, dict[str, str]]:
     if request.mimetype != "multipart/form-data":
         raise UnsupportedMediaType()
     try:
-        form = UploadFormSchema(allow_private_urls=settings.allow_private_urls).load(
-            request.form)
+        form = UploadFormSchema(allow_private_urls=settings.allow_private_urls).load(request.form)
     except ValidationError as exc:
         raise _field_errors(exc) from None
     data = _read_upload(request.files, settings.max_upload_bytes)
-    parsed = parse_csv(data, max_rows=settings.max_rows,
-                       max_urls_per_row=settings.max_urls_per_row)
+    parsed = parse_csv(data, max_rows=settings.max_rows, max_urls_per_row=settings.max_urls_per_row)
     options = UploadOptions(form["quality"], form["output_format"], form["webhook_url"])
     root = (settings.public_url or request.host_url).rstrip("/")
     created = svc.submit(parsed, options, root)
@@ -82,14 +86,26 @@ def upload() -> tuple[dict[str, Any], int, dict[str, str]]:
 
 @bp.get("/csv/status/<request_id>")
 @bp.get("/status/<request_id>")
-@doc(summary="Status of a request, one page of products", tags=["requests"],
-     parameters=[
-         {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0,
-                                                      "default": 0}},
-         {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
-                                                     "maximum": 1000, "default": 1000}}],
-     responses={"200": json_response("The request's status", "Status"),
-                **error_responses("400", "404", "500", "503")})
+@doc(
+    summary="Status of a request, one page of products",
+    tags=["requests"],
+    parameters=[
+        {
+            "name": "offset",
+            "in": "query",
+            "schema": {"type": "integer", "minimum": 0, "default": 0},
+        },
+        {
+            "name": "limit",
+            "in": "query",
+            "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 1000},
+        },
+    ],
+    responses={
+        "200": json_response("The request's status", "Status"),
+        **error_responses("400", "404", "500", "503"),
+    },
+)
 def status(request_id: str) -> dict[str, Any]:
     """Request, product and image statuses with progress."""
     try:
@@ -101,13 +117,22 @@ def status(request_id: str) -> dict[str, Any]:
 
 
 @bp.get("/csv/output/<request_id>")
-@doc(summary="The output CSV of a finished request", tags=["requests"],
-     responses={"200": {"description": "Input columns plus Output Image Urls",
-                        "content": {"text/csv": {"schema": {"type": "string"}}}},
-                **error_responses("404", "409", "500", "503")})
+@doc(
+    summary="The output CSV of a finished request",
+    tags=["requests"],
+    responses={
+        "200": {
+            "description": "Input columns plus Output Image Urls",
+            "content": {"text/csv": {"schema": {"type": "string"}}},
+        },
+        **error_responses("404", "409", "500", "503"),
+    },
+)
 def output(request_id: str) -> Response:
     """The input's columns in order plus ``Output Image Urls``."""
     lines = services().output_csv(request_id)
-    return Response(stream_with_context(lines), mimetype="text/csv",
-                    headers={"Content-Disposition":
-                             f'attachment; filename="imgproc-{request_id}.csv"'})
+    return Response(
+        stream_with_context(lines),
+        mimetype="text/csv",
+        headers={"Content-Disposition": f'attachment; filename="imgproc-{request_id}.csv"'},
+    )

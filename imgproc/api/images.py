@@ -13,17 +13,27 @@ ONE_YEAR = 365 * 24 * 3600
 
 
 @bp.get("/images/<path:key>")
-@doc(summary="A processed image", tags=["images"],
-     responses={"200": {"description": "The image bytes", "content": {
-         "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-         "image/webp": {"schema": {"type": "string", "format": "binary"}},
-         "image/png": {"schema": {"type": "string", "format": "binary"}}}},
-                "304": {"description": "Not modified (ETag matched)"},
-                **error_responses("404")})
+@doc(
+    summary="A processed image",
+    tags=["images"],
+    responses={
+        "200": {
+            "description": "The image bytes",
+            "content": {
+                "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+                "image/webp": {"schema": {"type": "string", "format": "binary"}},
+                "image/png": {"schema": {"type": "string", "format": "binary"}},
+            },
+        },
+        "304": {"description": "Not modified (ETag matched)"},
+        **error_responses("404"),
+    },
+)
 def image(key: str) -> Response:
     """The image bytes with Content-Type, ETag and a long Cache-Control."""
     stored = services().image(key)
-    response = send_file(stored.path, mimetype=stored.content_type, conditional=True,
-                         etag=True, max_age=ONE_YEAR)
+    response = send_file(
+        stored.path, mimetype=stored.content_type, conditional=True, etag=True, max_age=ONE_YEAR
+    )
     response.cache_control.public = True
     return response

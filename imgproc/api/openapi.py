@@ -47,8 +47,10 @@ def doc(**operation: Any) -> Callable[[F], F]:
 
 def error_responses(*codes: str) -> dict[str, Any]:
     """Response objects for error status codes, all in the one error shape."""
-    return {code: {"description": ERRORS[code],
-                   "content": {"application/json": {"schema": "Error"}}} for code in codes}
+    return {
+        code: {"description": ERRORS[code], "content": {"application/json": {"schema": "Error"}}}
+        for code in codes
+    }
 
 
 def json_response(description: str, schema: str) -> dict[str, Any]:
@@ -58,13 +60,21 @@ def json_response(description: str, schema: str) -> dict[str, Any]:
 
 def build_spec(app: Flask) -> dict[str, Any]:
     """The OpenAPI document of every documented route of ``app``."""
-    spec = APISpec(title="imgproc", version="1.0.0", openapi_version="3.0.3",
-                   plugins=[MarshmallowPlugin()],
-                   info={"description": "Compress product images listed in a CSV."})
-    for name, schema in (("Error", ErrorSchema), ("Created", CreatedSchema),
-                         ("Status", StatusSchema), ("Health", HealthSchema),
-                         ("UploadForm", UploadFormDocSchema),
-                         ("WebhookPayload", WebhookPayloadSchema)):
+    spec = APISpec(
+        title="imgproc",
+        version="1.0.0",
+        openapi_version="3.0.3",
+        plugins=[MarshmallowPlugin()],
+        info={"description": "Compress product images listed in a CSV."},
+    )
+    for name, schema in (
+        ("Error", ErrorSchema),
+        ("Created", CreatedSchema),
+        ("Status", StatusSchema),
+        ("Health", HealthSchema),
+        ("UploadForm", UploadFormDocSchema),
+        ("WebhookPayload", WebhookPayloadSchema),
+    ):
         spec.components.schema(name, schema=schema)
     for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
         view = app.view_functions[rule.endpoint]
@@ -72,8 +82,10 @@ def build_spec(app: Flask) -> dict[str, Any]:
         if operation is None:
             continue
         path = _PARAM.sub(r"{\1}", rule.rule)
-        parameters = [{"name": name, "in": "path", "required": True,
-                       "schema": {"type": "string"}} for name in rule.arguments]
+        parameters = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            for name in rule.arguments
+        ]
         operations = {}
         for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
             op = dict(operation)

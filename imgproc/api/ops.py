@@ -14,9 +14,14 @@ bp = Blueprint("ops", __name__)
 
 
 @bp.get("/healthz")
-@doc(summary="Liveness and database health", tags=["operations"],
-     responses={"200": json_response("Healthy", "Health"),
-                "503": json_response("Database down", "Health")})
+@doc(
+    summary="Liveness and database health",
+    tags=["operations"],
+    responses={
+        "200": json_response("Healthy", "Health"),
+        "503": json_response("Database down", "Health"),
+    },
+)
 def healthz() -> tuple[dict[str, Any], int]:
     """200 when the database answers, 503 when it does not."""
     if services().healthy():
@@ -25,9 +30,16 @@ def healthz() -> tuple[dict[str, Any], int]:
 
 
 @bp.get("/openapi.json")
-@doc(summary="This API's OpenAPI 3 document", tags=["operations"],
-     responses={"200": {"description": "OpenAPI document",
-                        "content": {"application/json": {"schema": {"type": "object"}}}}})
+@doc(
+    summary="This API's OpenAPI 3 document",
+    tags=["operations"],
+    responses={
+        "200": {
+            "description": "OpenAPI document",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        }
+    },
+)
 def openapi() -> dict[str, Any]:
     """The OpenAPI document, generated from the routes and schemas."""
     return build_spec(current_app)

@@ -1,0 +1,43 @@
+# imgproc: `make run` serves the API, `make test` runs the whole suite, `make check` is CI.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PORT   ?= 8000
+
+.PHONY: run test bench lint fmt typecheck check clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.runtime-deps: requirements.txt | $(BIN)/python
+	$(BIN)/pip install --disable-pip-version-check -q -r requirements.txt
+	touch $@
+
+$(VENV)/.dev-deps: requirements.txt requirements-dev.txt | $(BIN)/python
+	$(BIN)/pip install --disable-pip-version-check -q -r requirements-dev.txt
+	touch $@ $(VENV)/.runtime-deps
+
+run: $(VENV)/.runtime-deps  ## serve on 127.0.0.1:$(PORT) (embedded MongoDB unless MONGODB_URI)
+	PORT=$(PORT) exec $(BIN)/python -m imgproc serve
+
+test: $(VENV)/.dev-deps  ## the whole suite (own database server, image host, webhook receiver)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.dev-deps  ## end-to-end throughput of a batch; prints a table and a JSON line
+	$(BIN)/python bench/bench.py $(BENCH_ARGS)
+
+lint: $(VENV)/.dev-deps
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+fmt: $(VENV)/.dev-deps
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+typecheck: $(VENV)/.dev-deps
+	$(BIN)/mypy
+
+check: lint typecheck test
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

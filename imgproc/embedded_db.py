@@ -1,0 +1,108 @@
+"""Start and stop the embedded MongoDB wire-protocol server (SecantusDB) as its own process.
+
+SecantusDB is GPL-2.0 and beta, so it is only ever run as a separate program
+(``secantusd-py`` from the virtual environment); nothing here imports it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+
+class EmbeddedDbError(RuntimeError):
+    """The embedded server could not be started."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def server_program() -> str:
+    """Path of ``secantusd-py`` next to this interpreter, else on PATH."""
+    beside = os.path.join(os.path.dirname(sys.executable), "secantusd-py")
+    found = beside if os.path.exists(beside) else shutil.which("secantusd-py")
+    if not found:
+        raise EmbeddedDbError("secantusd-py not found: install requirements.txt (SecantusDB)")
+    return found
+
+
+@dataclass
+class EmbeddedDb:
+    """A running embedded server."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: str
+
+    @property
+    def uri(self) -> str:
+        """The MongoDB URI to connect to it."""
+        return f"mongodb://127.0.0.1:{self.port}/?directConnection=true"
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM, then SIGKILL if it does not go in time."""
+        if self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def start(
+    storage_path: str,
+    *,
+    port: int | None = None,
+    log_path: str | None = None,
+    timeout: float = 60.0,
+) -> EmbeddedDb:
+    """Start a server on 127.0.0.1 and wait until it accepts connections."""
+    port = port or free_port()
+    if storage_path != ":memory:":
+        os.makedirs(storage_path, exist_ok=True)
+    log_path = log_path or os.devnull
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [
+                server_program(),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--storage-path",
+                storage_path,
+                "--log-level",
+                "WARNING",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C reaches the launcher, which stops us last
+        )
+    deadline = time.monotonic() + timeout
+    while not _listening(port):
+        if process.poll() is not None:
+            raise EmbeddedDbError(f"secantusd-py exited with {process.returncode}; see {log_path}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise EmbeddedDbError(f"secantusd-py did not listen on port {port} in {timeout} s")
+        time.sleep(0.1)
+    return EmbeddedDb(process, port, log_path)

@@ -15,6 +15,14 @@ from urllib.parse import urlsplit
 MIB = 1024 * 1024
 
 
+def human_bytes(size: int) -> str:
+    """``10485760`` -> ``'10 MiB'``, ``1000`` -> ``'1000 bytes'``."""
+    for unit, scale in (("GiB", 1024 * MIB), ("MiB", MIB), ("KiB", 1024)):
+        if size >= scale:
+            return f"{size / scale:.3g} {unit}"
+    return f"{size} bytes"
+
+
 class ConfigError(ValueError):
     """A setting has a value the service cannot run with."""
 

@@ -13,7 +13,7 @@ import requests
 import urllib3
 from urllib3.exceptions import MaxRetryError
 
-from imgproc.config import MIB, Settings
+from imgproc.config import Settings, human_bytes
 from imgproc.netguard import BlockedAddress, host_refusal, make_session
 
 MAX_REDIRECTS = 5
@@ -135,7 +135,7 @@ class Fetcher:
 
     def _read_body(self, response: requests.Response) -> bytes:
         cap = self.settings.max_image_bytes
-        too_large = f"larger than {cap / MIB:g} MiB"
+        too_large = f"too large (over {human_bytes(cap)})"
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > cap:
             raise FetchError(too_large)

@@ -16,7 +16,7 @@ from marshmallow import (
     fields,
     pre_load,
     validate,
-    validates_schema,
+    validates,
 )
 
 from imgproc.models import (
@@ -145,20 +145,20 @@ class UploadFormSchema(Schema):
 
     @pre_load
     def _blank_is_absent(self, data: Any, **_: Any) -> dict[str, Any]:
-        return {k: v for k, v in dict(data).items() if not (isinstance(v, str) and not v.strip())}
+        stripped = {k: v.strip() if isinstance(v, str) else v for k, v in dict(data).items()}
+        return {k: v for k, v in stripped.items() if v != ""}
 
-    @validates_schema
-    def _webhook(self, data: dict[str, Any], **_: Any) -> None:
-        url = data.get("webhook_url")
+    @validates("webhook_url")
+    def _webhook(self, url: str | None, **_: Any) -> None:
         if url is None:
             return
-        url = check_http_url(url)
-        if urlsplit(url).username is not None:
-            raise ValidationError("credentials in the URL are not allowed", "webhook_url")
-        refusal = host_refusal(urlsplit(url).hostname or "")
+        check_http_url(url)
+        parts = urlsplit(url)
+        if parts.username is not None or parts.password is not None:
+            raise ValidationError("credentials in the URL are not allowed")
+        refusal = host_refusal(parts.hostname or "")
         if refusal and not self.allow_private_urls:
-            raise ValidationError(f"{refusal}: webhooks go to public addresses only", "webhook_url")
-        data["webhook_url"] = url
+            raise ValidationError(f"{refusal}: webhooks go to public addresses only")
 
 
 # ---- responses (also the OpenAPI components) ------------------------------------------

@@ -10,7 +10,7 @@ from werkzeug.datastructures import FileStorage
 
 from imgproc.api import services
 from imgproc.api.openapi import doc, error_responses, json_response
-from imgproc.config import MIB
+from imgproc.config import human_bytes
 from imgproc.csv_input import parse_csv
 from imgproc.errors import (
     InvalidCsv,
@@ -47,7 +47,7 @@ def _read_upload(files: Any, max_bytes: int) -> bytes:
         raise MissingFile()
     data = upload.stream.read(max_bytes + 1)
     if len(data) > max_bytes:
-        raise PayloadTooLarge(f"the CSV is larger than {max_bytes / MIB:g} MiB")
+        raise PayloadTooLarge(f"the CSV is larger than {human_bytes(max_bytes)}")
     if not data:
         raise InvalidCsv("the file is empty")
     return data
@@ -70,6 +70,8 @@ def upload() -> tuple[dict[str, Any], int, dict[str, str]]:
     settings = svc.settings
     if request.mimetype != "multipart/form-data":
         raise UnsupportedMediaType()
+    if (request.content_length or 0) > (request.max_content_length or 0):
+        raise PayloadTooLarge(f"the upload is larger than {human_bytes(settings.max_upload_bytes)}")
     try:
         form = UploadFormSchema(allow_private_urls=settings.allow_private_urls).load(request.form)
     except ValidationError as exc:

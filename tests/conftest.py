@@ -1,0 +1,199 @@
+"""Fixtures: a real MongoDB wire-protocol server for the session (embedded SecantusDB unless
+MONGODB_URI is set), a fresh database per test, the app with its real worker, a real HTTP
+image host and a real webhook receiver on loopback. Nothing is mocked."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pymongo
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from PIL import Image, ImageDraw
+from pytest_httpserver import HTTPServer
+
+from imgproc import create_app, embedded_db
+
+TERMINAL = ("completed", "completed_with_errors", "failed")
+
+
+@pytest.fixture(scope="session")
+def mongo_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A MongoDB server for the whole session; a failure to start fails the tests."""
+    if os.environ.get("MONGODB_URI"):
+        yield os.environ["MONGODB_URI"]
+        return
+    base = tmp_path_factory.mktemp("mongo")
+    db = embedded_db.start(str(base / "db"), log_path=str(base / "secantusd.log"))
+    try:
+        yield db.uri
+    finally:
+        db.stop()
+
+
+@pytest.fixture
+def db_name(mongo_uri: str) -> Iterator[str]:
+    """A fresh database name for one test, dropped afterwards."""
+    name = f"imgproc_test_{uuid.uuid4().hex[:12]}"
+    yield name
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo_uri)
+    client.drop_database(name)
+    client.close()
+
+
+@pytest.fixture
+def mongo(mongo_uri: str, db_name: str) -> Iterator[pymongo.database.Database[dict[str, Any]]]:
+    """Direct access to the test database, to check what was (not) stored."""
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo_uri, tz_aware=True)
+    yield client[db_name]
+    client.close()
+
+
+@pytest.fixture
+def settings(mongo_uri: str, db_name: str, tmp_path: Any) -> dict[str, Any]:
+    """Settings for a test app: fast polling, short leases, private URLs allowed."""
+    return {
+        "mongodb_uri": mongo_uri,
+        "db_name": db_name,
+        "data_dir": str(tmp_path / "data"),
+        "allow_private_urls": True,
+        "poll_seconds": 0.1,
+        "lease_seconds": 10.0,
+        "fetch_backoff": 0.05,
+        "workers": 4,
+        "shutdown_grace_seconds": 5.0,
+    }
+
+
+@pytest.fixture
+def make_app(settings: dict[str, Any]) -> Iterator[Callable[..., Flask]]:
+    """Build apps with overrides; their workers are stopped after the test."""
+    apps: list[Flask] = []
+
+    def build(**overrides: Any) -> Flask:
+        app = create_app({**settings, **overrides})
+        app.config["TESTING"] = True
+        apps.append(app)
+        return app
+
+    yield build
+    for app in apps:
+        app.extensions["imgproc"].close(grace=5)
+
+
+@pytest.fixture
+def app(make_app: Callable[..., Flask]) -> Flask:
+    """The app with its worker running."""
+    return make_app()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    """A test client of :func:`app`."""
+    return app.test_client()
+
+
+# ---- images and hosts --------------------------------------------------------------------
+
+
+def make_image(
+    width: int = 640, height: int = 480, fmt: str = "JPEG", mode: str = "RGB", **save: Any
+) -> bytes:
+    """A generated image with some structure (so compression has work to do)."""
+    image = Image.new(mode, (width, height), "white" if mode != "RGBA" else (255, 255, 255, 0))
+    draw = ImageDraw.Draw(image)
+    for i in range(0, width, 16):
+        fill: Any = (i % 256, (i * 3) % 256, 200) if mode in ("RGB", "RGBA") else i % 256
+        if mode == "RGBA":
+            fill = (*fill, 255)
+        draw.rectangle((i, 0, i + 8, height), fill=fill)
+    draw.ellipse((width // 4, height // 4, width * 3 // 4, height * 3 // 4), fill=None, width=5)
+    out = io.BytesIO()
+    if fmt == "JPEG":
+        save.setdefault("quality", 95)
+    image.save(out, fmt, **save)
+    return out.getvalue()
+
+
+def _server() -> HTTPServer:
+    server = HTTPServer(host="127.0.0.1", port=0, threaded=True)
+    server.start()
+    return server
+
+
+@pytest.fixture(scope="session")
+def _image_server() -> Iterator[HTTPServer]:
+    server = _server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def _webhook_server() -> Iterator[HTTPServer]:
+    server = _server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def image_host(_image_server: HTTPServer) -> Iterator[HTTPServer]:
+    """A real threaded HTTP server on loopback; tests register the images it serves."""
+    yield _image_server
+    _image_server.clear()
+
+
+@pytest.fixture
+def webhook_receiver(_webhook_server: HTTPServer) -> Iterator[HTTPServer]:
+    """A second real HTTP server that records the webhook calls it gets."""
+    yield _webhook_server
+    _webhook_server.clear()
+
+
+def serve(host: HTTPServer, path: str, data: bytes, content_type: str = "image/jpeg") -> str:
+    """Serve ``data`` at ``path`` on ``host``; its absolute URL."""
+    host.expect_request(path).respond_with_data(data, content_type=content_type)
+    return host.url_for(path)
+
+
+# ---- API helpers -------------------------------------------------------------------------
+
+
+def csv_bytes(rows: list[tuple[int, str, list[str]]], header: str | None = None) -> bytes:
+    """A CSV of (serial, name, urls) rows."""
+    lines = [header or "S. No.,Product Name,Input Image Urls"]
+    for serial, name, urls in rows:
+        lines.append(f'{serial},{name},"{",".join(urls)}"')
+    return ("\n".join(lines) + "\n").encode()
+
+
+def upload(client: FlaskClient, data: bytes, path: str = "/csv/upload", **fields: Any) -> Any:
+    """POST a CSV as multipart/form-data."""
+    form = {"file": (io.BytesIO(data), "products.csv"), **fields}
+    return client.post(path, data=form, content_type="multipart/form-data")
+
+
+def wait_terminal(client: FlaskClient, request_id: str, timeout: float = 30.0) -> dict[str, Any]:
+    """Poll the status until the request is terminal; fail the test at the timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        body: dict[str, Any] = client.get(f"/csv/status/{request_id}").get_json()
+        if body["status"] in TERMINAL:
+            return body
+        if time.monotonic() > deadline:
+            pytest.fail(f"request {request_id} still {body['status']} after {timeout}s: {body}")
+        time.sleep(0.05)
+
+
+def get_closed(client: FlaskClient, url: str, **kwargs: Any) -> Any:
+    """GET ``url`` (absolute or a path) and close the response (file bodies hold a handle)."""
+    path = url.removeprefix("http://localhost")
+    response = client.get(path, **kwargs)
+    response.get_data()
+    response.close()
+    return response

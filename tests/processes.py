@@ -1,0 +1,88 @@
+"""Real service processes for end-to-end tests: gunicorn as ``make run`` starts it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from imgproc.embedded_db import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Service:
+    """A running service process group and its base URL."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (master and workers), like a crash."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        """SIGTERM and wait; the exit code."""
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def stop(self) -> None:
+        """Make sure nothing is left running."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+
+def wait_healthy(
+    url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 60.0
+) -> None:
+    """Wait until ``url/healthz`` answers 200; fail with the log if the process dies."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"service exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            if requests.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"service not healthy in {timeout}s:\n{log.read_text()}")
+
+
+def start_process(args: list[str], env: dict[str, str], log: Path, port: int) -> Service:
+    """Start ``args`` in its own process group with ``env`` added; wait until healthy."""
+    full_env = {**os.environ, **env, "PORT": str(port)}
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, process, log)
+    except BaseException:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        raise
+    return Service(process, url, log)
+
+
+def start_gunicorn(env: dict[str, str], log: Path) -> Service:
+    """gunicorn with the project's config, as ``make run`` serves the app."""
+    args = [sys.executable, "-m", "gunicorn", "-c", "python:imgproc.gunicorn_conf", "wsgi:app"]
+    return start_process(args, env, log, free_port())

@@ -1,0 +1,158 @@
+"""The webhook: Standard Webhooks headers and signature, retries, the retry budget."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from flask import Flask
+from flask.testing import FlaskClient
+from pytest_httpserver import HTTPServer
+from standardwebhooks.webhooks import Webhook
+
+from tests.conftest import csv_bytes, make_image, serve, upload, wait_terminal
+
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+def calls(receiver: HTTPServer) -> list[Any]:
+    return [request for request, _ in receiver.log if request.path == "/hook"]
+
+
+def wait_webhook(
+    client: FlaskClient, request_id: str, status: str, timeout: float = 20.0
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        body: dict[str, Any] = client.get(f"/csv/status/{request_id}").get_json()
+        if body["webhook"]["status"] == status:
+            return body
+        assert time.monotonic() < deadline, f"webhook never {status}: {body['webhook']}"
+        time.sleep(0.05)
+
+
+def start_batch(client: FlaskClient, image_host: HTTPServer, receiver: HTTPServer) -> str:
+    url = serve(image_host, "/w.jpg", make_image())
+    response = upload(client, csv_bytes([(1, "A", [url])]), webhook_url=receiver.url_for("/hook"))
+    assert response.status_code == 202
+    return str(response.get_json()["request_id"])
+
+
+def test_signed_delivery(
+    make_app: Callable[..., Flask], image_host: HTTPServer, webhook_receiver: HTTPServer
+) -> None:
+    client = make_app(webhook_secret=SECRET).test_client()
+    webhook_receiver.expect_request("/hook", method="POST").respond_with_data("ok")
+    request_id = start_batch(client, image_host, webhook_receiver)
+
+    body = wait_webhook(client, request_id, "delivered")
+
+    assert body["webhook"]["attempts"] == 1
+    assert body["webhook"]["last_error"] is None
+    assert body["webhook"]["last_attempt_at"].endswith("Z")
+    (call,) = calls(webhook_receiver)
+    assert call.headers["Content-Type"] == "application/json"
+    assert call.headers["webhook-id"] == f"msg_{request_id}"
+    payload = Webhook(SECRET).verify(call.get_data(), dict(call.headers))
+    assert payload == {
+        "type": "request.completed",
+        "request_id": request_id,
+        "status": "completed",
+        "completed_at": body["completed_at"],
+        "progress": body["progress"],
+        "status_url": f"http://localhost/csv/status/{request_id}",
+        "output_csv_url": f"http://localhost/csv/output/{request_id}",
+    }
+
+
+def test_unsigned_without_a_secret(
+    client: FlaskClient, image_host: HTTPServer, webhook_receiver: HTTPServer
+) -> None:
+    webhook_receiver.expect_request("/hook", method="POST").respond_with_data("ok")
+    request_id = start_batch(client, image_host, webhook_receiver)
+    wait_webhook(client, request_id, "delivered")
+    (call,) = calls(webhook_receiver)
+    assert "webhook-signature" not in call.headers
+    assert json.loads(call.get_data())["request_id"] == request_id
+
+
+def test_retried_until_delivered(
+    make_app: Callable[..., Flask], image_host: HTTPServer, webhook_receiver: HTTPServer
+) -> None:
+    client = make_app(webhook_secret=SECRET, webhook_retry_delays=(0.2, 0.2, 0.2)).test_client()
+    webhook_receiver.expect_oneshot_request("/hook").respond_with_data("no", status=500)
+    webhook_receiver.expect_oneshot_request("/hook").respond_with_data("no", status=503)
+    webhook_receiver.expect_request("/hook").respond_with_data("ok", status=204)
+    request_id = start_batch(client, image_host, webhook_receiver)
+
+    body = wait_webhook(client, request_id, "delivered")
+
+    assert body["webhook"]["attempts"] == 3
+    first, second, third = calls(webhook_receiver)
+    ids = {c.headers["webhook-id"] for c in (first, second, third)}
+    assert ids == {f"msg_{request_id}"}  # stable across retries, so receivers can dedupe
+    for call in (first, second, third):
+        Webhook(SECRET).verify(call.get_data(), dict(call.headers))
+
+
+def test_budget_exhausted_is_failed(
+    make_app: Callable[..., Flask], image_host: HTTPServer, webhook_receiver: HTTPServer
+) -> None:
+    client = make_app(webhook_retry_delays=(0.1, 0.1)).test_client()
+    webhook_receiver.expect_request("/hook").respond_with_data("no", status=500)
+    request_id = start_batch(client, image_host, webhook_receiver)
+
+    body = wait_webhook(client, request_id, "failed")
+
+    assert body["webhook"]["attempts"] == 3  # the first try and one per delay
+    assert body["webhook"]["last_error"] == "HTTP 500"
+    time.sleep(0.5)
+    assert len(calls(webhook_receiver)) == 3
+
+
+def test_unreachable_receiver_reason(
+    make_app: Callable[..., Flask], image_host: HTTPServer
+) -> None:
+    client = make_app(webhook_retry_delays=()).test_client()
+    url = serve(image_host, "/w.jpg", make_image())
+    request_id = upload(
+        client, csv_bytes([(1, "A", [url])]), webhook_url="http://127.0.0.1:9/hook"
+    ).get_json()["request_id"]
+    body = wait_webhook(client, request_id, "failed")
+    assert body["webhook"]["last_error"] == "could not connect to the host"
+
+
+def test_no_webhook_stays_none(client: FlaskClient, image_host: HTTPServer) -> None:
+    url = serve(image_host, "/w.jpg", make_image())
+    body = wait_terminal(
+        client, upload(client, csv_bytes([(1, "A", [url])])).get_json()["request_id"]
+    )
+    assert body["webhook"] == {
+        "url": None,
+        "status": "none",
+        "attempts": 0,
+        "last_attempt_at": None,
+        "last_error": None,
+    }
+
+
+def test_delivery_resumes_in_a_new_process(
+    make_app: Callable[..., Flask], image_host: HTTPServer, webhook_receiver: HTTPServer
+) -> None:
+    """A retry scheduled by one process is sent by the next one (it lives in MongoDB)."""
+    first = make_app(webhook_retry_delays=(1.0,))
+    client = first.test_client()
+    webhook_receiver.expect_oneshot_request("/hook").respond_with_data("no", status=500)
+    webhook_receiver.expect_request("/hook").respond_with_data("ok")
+    request_id = start_batch(client, image_host, webhook_receiver)
+    deadline = time.monotonic() + 20
+    while len(calls(webhook_receiver)) < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    first.extensions["imgproc"].close(grace=1)  # the process "dies" before the retry
+
+    second = make_app(webhook_retry_delays=(1.0,)).test_client()
+    body = wait_webhook(second, request_id, "delivered")
+    assert body["webhook"]["attempts"] == 2

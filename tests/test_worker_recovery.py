@@ -1,0 +1,114 @@
+"""Recovery: SIGKILL a real gunicorn mid-batch, start it again, the batch finishes with
+nothing lost and nothing that was done redone."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from pytest_httpserver import HTTPServer
+from werkzeug import Request, Response
+
+from tests.conftest import TERMINAL, csv_bytes, make_image
+from tests.processes import start_gunicorn
+
+pytestmark = pytest.mark.slow
+
+
+def service_env(mongo_uri: str, db_name: str, data_dir: Path) -> dict[str, str]:
+    return {
+        "MONGODB_URI": mongo_uri,
+        "IMGPROC_DB_NAME": db_name,
+        "IMGPROC_DATA_DIR": str(data_dir),
+        "IMGPROC_ALLOW_PRIVATE_URLS": "true",
+        "IMGPROC_LEASE_SECONDS": "3",
+        "IMGPROC_POLL_SECONDS": "0.2",
+        "IMGPROC_WORKERS": "2",
+        "IMGPROC_HTTP_WORKERS": "1",
+    }
+
+
+def test_sigkill_mid_batch_then_restart(
+    image_host: HTTPServer, mongo_uri: str, db_name: str, mongo: Any, tmp_path: Path
+) -> None:
+    hits: Counter[str] = Counter()
+    lock = threading.Lock()
+    image = make_image(400, 300)
+
+    def slow_image(request: Request) -> Response:
+        with lock:
+            hits[request.path] += 1
+        time.sleep(0.25)
+        return Response(image, content_type="image/jpeg")
+
+    paths = [f"/r{i}.jpg" for i in range(24)]
+    for path in paths:
+        image_host.expect_request(path).respond_with_handler(slow_image)
+    rows = [
+        (n + 1, f"P{n}", [image_host.url_for(p) for p in paths[n * 3 : n * 3 + 3]])
+        for n in range(8)
+    ]
+    env = service_env(mongo_uri, db_name, tmp_path / "data")
+
+    first = start_gunicorn(env, tmp_path / "first.log")
+    try:
+        response = requests.post(
+            f"{first.url}/csv/upload", files={"file": ("p.csv", csv_bytes(rows))}, timeout=10
+        )
+        assert response.status_code == 202
+        request_id = response.json()["request_id"]
+        deadline = time.monotonic() + 30
+        while (
+            requests.get(f"{first.url}/csv/status/{request_id}", timeout=5).json()["progress"][
+                "images_done"
+            ]
+            < 6
+        ):
+            assert time.monotonic() < deadline, "first instance made no progress"
+            time.sleep(0.05)
+        first.kill()
+    finally:
+        first.stop()
+
+    done_before = {
+        image["input_url"].rsplit("/", 1)[1]
+        for product in mongo.products.find({"request_id": request_id})
+        for image in product["images"]
+        if image["status"] == "done"
+    }
+    assert 6 <= len(done_before) < 24
+    assert mongo.processing_requests.find_one({"_id": request_id})["status"] == "processing"
+
+    second = start_gunicorn(env, tmp_path / "second.log")
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            body = requests.get(f"{second.url}/csv/status/{request_id}", timeout=5).json()
+            if body["status"] in TERMINAL:
+                break
+            assert time.monotonic() < deadline, f"not finished after restart: {body['progress']}"
+            time.sleep(0.1)
+
+        assert body["status"] == "completed"
+        assert body["progress"]["images_done"] == 24
+        assert body["progress"]["images_failed"] == 0
+        assert body["progress"]["products_done"] == 8
+        for name in done_before:  # finished before the kill: never fetched again
+            assert hits[f"/{name}"] == 1, (name, hits)
+        assert all(hits[p] >= 1 for p in paths)
+        assert sum(hits.values()) <= 24 + 4  # at most the images in flight at the kill redone
+        for product in body["products"]:
+            for url in product["output_image_urls"]:
+                served = requests.get(url.replace(first.url, second.url), timeout=5)
+                assert served.status_code == 200
+                assert served.headers["Content-Type"] == "image/jpeg"
+        output = requests.get(f"{second.url}/csv/output/{request_id}", timeout=5)
+        assert output.status_code == 200
+        assert len(output.text.strip().splitlines()) == 9
+    finally:
+        second.stop()

@@ -6,7 +6,6 @@ import csv
 import io
 import uuid
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 from flask import Flask

@@ -63,7 +63,7 @@ def build_spec(app: Flask) -> dict[str, Any]:
     spec = APISpec(
         title="imgproc",
         version="1.0.0",
-        openapi_version="3.0.3",
+        openapi_version="3.1.0",
         plugins=[MarshmallowPlugin()],
         info={"description": "Compress product images listed in a CSV."},
     )
@@ -76,6 +76,7 @@ def build_spec(app: Flask) -> dict[str, Any]:
         ("WebhookPayload", WebhookPayloadSchema),
     ):
         spec.components.schema(name, schema=schema)
+    used_ids: set[str] = set()
     for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
         view = app.view_functions[rule.endpoint]
         operation = getattr(view, "openapi", None)
@@ -89,7 +90,11 @@ def build_spec(app: Flask) -> dict[str, Any]:
         operations = {}
         for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
             op = dict(operation)
-            op["operationId"] = rule.endpoint.replace(".", "_")
+            op_id = rule.endpoint.replace(".", "_")
+            if op_id in used_ids:  # an alias path of the same view
+                op_id += "_alias_" + re.sub(r"\W+", "_", path).strip("_")
+            used_ids.add(op_id)
+            op["operationId"] = op_id
             op["parameters"] = parameters + list(op.get("parameters", []))
             operations[method.lower()] = op
         spec.path(path=path, operations=operations)

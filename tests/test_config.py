@@ -1,0 +1,70 @@
+"""Settings: defaults, IMGPROC_* variables, and a clear message for every bad value."""
+
+from __future__ import annotations
+
+import pytest
+
+from imgproc import create_app
+from imgproc.config import ConfigError, Settings, load_settings
+
+
+def test_defaults() -> None:
+    settings = Settings()
+    assert settings.default_quality == 50
+    assert settings.lease_seconds == 60
+    assert settings.max_upload_bytes == 10 * 1024 * 1024
+    assert settings.max_rows == 10_000 and settings.max_urls_per_row == 50
+    assert settings.webhook_retry_delays == (5, 30, 120, 600, 1800, 3600, 7200, 14400)
+    assert settings.allow_private_urls is False
+    assert settings.images_dir.endswith("images")
+
+
+def test_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMGPROC_LEASE_SECONDS", "5.5")
+    monkeypatch.setenv("IMGPROC_ALLOW_PRIVATE_URLS", "TRUE")
+    monkeypatch.setenv("IMGPROC_WEBHOOK_RETRY_DELAYS", "1, 2,3")
+    monkeypatch.setenv("IMGPROC_PUBLIC_URL", "https://img.example.com")
+    monkeypatch.setenv("MONGODB_URI", "mongodb://db.example:27017")
+    settings = load_settings()
+    assert settings.lease_seconds == 5.5
+    assert settings.allow_private_urls is True
+    assert settings.webhook_retry_delays == (1.0, 2.0, 3.0)
+    assert settings.public_url == "https://img.example.com"
+    assert settings.mongodb_uri == "mongodb://db.example:27017"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("IMGPROC_WORKERS", "many", "IMGPROC_WORKERS='many' is not valid"),
+        ("IMGPROC_WORKERS", "0", "IMGPROC_WORKERS=0 is not valid: must be at least 1"),
+        ("IMGPROC_DEFAULT_QUALITY", "99", "must be 1-95"),
+        ("IMGPROC_LEASE_SECONDS", "-1", "must be greater than 0"),
+        ("IMGPROC_ALLOW_PRIVATE_URLS", "maybe", "expected true or false"),
+        ("IMGPROC_WEBHOOK_RETRY_DELAYS", "5,-1", "delays must not be negative"),
+        ("IMGPROC_STORAGE", "s3", "must be 'local'"),
+        ("IMGPROC_PUBLIC_URL", "img.example.com", "must be an absolute http(s) URL"),
+        ("MONGODB_URI", "postgres://x", "must start with mongodb://"),
+        ("IMGPROC_WEBHOOK_SECRET", "short", "IMGPROC_WEBHOOK_SECRET='***' is not valid"),
+        ("IMGPROC_LOG_LEVEL", "LOUD", "must be DEBUG, INFO, WARNING or ERROR"),
+    ],
+)
+def test_bad_values_stop_start_up_with_a_clear_message(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as caught:
+        create_app()
+    assert message in str(caught.value)
+
+
+def test_secret_never_appears_in_the_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMGPROC_WEBHOOK_SECRET", "hunter2-not-base64!")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert "hunter2" not in str(caught.value)
+
+
+def test_unknown_override_is_refused() -> None:
+    with pytest.raises(ConfigError, match="unknown settings: colour"):
+        load_settings({"colour": "blue"})

@@ -19,6 +19,9 @@ graceful_timeout = int(float(os.environ.get("IMGPROC_SHUTDOWN_GRACE_SECONDS", "2
 errorlog = "-"
 loglevel = os.environ.get("IMGPROC_LOG_LEVEL", "info").lower()
 preload_app = False
+# No runtime control socket: it lives at one fixed path per user, so two instances on one
+# host (tests, a blue/green restart) would fight over it, and nothing here needs it.
+control_socket_disable = True
 
 
 def worker_exit(server: Any, worker: Any) -> None:

@@ -68,3 +68,18 @@ def test_secret_never_appears_in_the_message(monkeypatch: pytest.MonkeyPatch) ->
 def test_unknown_override_is_refused() -> None:
     with pytest.raises(ConfigError, match="unknown settings: colour"):
         load_settings({"colour": "blue"})
+
+
+def test_readme_documents_every_setting() -> None:
+    import dataclasses
+    from pathlib import Path
+
+    from imgproc.config import env_name
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    missing = [
+        env_name(f.name)
+        for f in dataclasses.fields(Settings)
+        if f"`{env_name(f.name)}`" not in readme
+    ]
+    assert missing == []

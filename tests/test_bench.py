@@ -1,0 +1,31 @@
+"""The benchmark itself runs (small N), so it does not rot. Timing targets live in it, not here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_runs_and_reports() -> None:
+    result = subprocess.run(
+        [sys.executable, "bench/bench.py", "--images", "6", "--size", "320"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["status"] == "completed"
+    assert figures["images_done"] == 6
+    assert figures["e2e_images_per_s"] > 0 and figures["ceiling_images_per_s"] > 0
+    assert figures["peak_rss_mb_total"] > 0
+    assert any(line.startswith("ratio ") for line in result.stdout.splitlines())

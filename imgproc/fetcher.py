@@ -144,7 +144,7 @@ class Fetcher:
         size = 0
         try:
             while True:
-                chunk = response.raw.read1(_CHUNK)
+                chunk = response.raw.read1(_CHUNK, decode_content=True)  # capped after decoding
                 if not chunk:
                     break
                 size += len(chunk)

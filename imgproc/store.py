@@ -6,6 +6,7 @@ processes racing for the same work can never both win.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -95,10 +96,9 @@ class Store:
                 self.products.insert_many(products[start : start + 1000], ordered=False)
             self.requests.insert_one(request)
         except BaseException:
-            try:
+            with contextlib.suppress(PyMongoError):  # the original error is the one to report
                 self.products.delete_many({"request_id": request["_id"]})
-            finally:
-                raise
+            raise
 
     # ---- reads -------------------------------------------------------------------------
 

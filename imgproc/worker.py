@@ -216,6 +216,8 @@ class Worker:
             log.exception("request %s: unexpected error; releasing it for a retry", job.id)
             self._release(job)
         finally:
+            if self._stopping.is_set():
+                self._release(job)  # in-flight images are recorded: hand the rest over now
             with self._lock:
                 self._jobs.pop(job.id, None)
             self._wake.set()

@@ -124,3 +124,21 @@ def test_literal_forms() -> None:
     assert literal_address("2130706433") == ipaddress.ip_address("127.0.0.1")
     assert literal_address("[::1]") == ipaddress.ip_address("::1")
     assert literal_address("example.com") is None
+
+
+def test_gzip_encoded_body_is_decoded_and_capped_after_decoding(image_host: HTTPServer) -> None:
+    import gzip
+
+    data = make_image()
+    image_host.expect_request("/gz.jpg").respond_with_data(
+        gzip.compress(data), headers={"Content-Encoding": "gzip"}, content_type="image/jpeg"
+    )
+    bomb = gzip.compress(b"\0" * (20 * 1024 * 1024))  # 20 MiB of zeros in ~20 KiB
+    image_host.expect_request("/bomb.jpg").respond_with_data(
+        bomb, headers={"Content-Encoding": "gzip"}, content_type="image/jpeg"
+    )
+    fetcher = Fetcher(load_settings({"allow_private_urls": True, "max_image_bytes": 1024 * 1024}))
+    assert fetcher.fetch(image_host.url_for("/gz.jpg")).data == data
+    with pytest.raises(FetchError) as caught:
+        fetcher.fetch(image_host.url_for("/bomb.jpg"))
+    assert caught.value.reason == "too large (over 1 MiB)"

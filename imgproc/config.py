@@ -48,6 +48,8 @@ class Settings:
     default_quality: int = 50
     max_image_bytes: int = 25 * MIB
     max_pixels: int = 50_000_000
+    keep_metadata: bool = False
+    jpeg_optimize: bool = False
     connect_timeout: float = 5.0
     read_timeout: float = 15.0
     download_deadline: float = 60.0

@@ -69,6 +69,7 @@ def product_view(product: Doc, root: str) -> Doc:
                 "width": image.get("width"),
                 "height": image.get("height"),
                 "format": image.get("format"),
+                "kept_original": image.get("kept_original", False),
             }
         )
     return {

@@ -220,6 +220,13 @@ class ImageSchema(Schema):
     width = fields.Integer(allow_none=True, required=True)
     height = fields.Integer(allow_none=True, required=True)
     format = fields.String(allow_none=True, required=True)
+    kept_original = fields.Boolean(
+        required=True,
+        metadata={
+            "description": "true when re-encoding would not have made the image "
+            "smaller, so the input was kept (metadata stripped losslessly)"
+        },
+    )
 
 
 class ProductSchema(Schema):

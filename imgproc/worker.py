@@ -283,6 +283,8 @@ class Worker:
                 quality=job.request["quality"],
                 output_format=OutputFormat(job.request["output_format"]),
                 max_pixels=self.settings.max_pixels,
+                keep_metadata=self.settings.keep_metadata,
+                jpeg_optimize=self.settings.jpeg_optimize,
             )
             key = image_key(job.id, row, index, encoded.extension)
             self.storage.put(key, encoded.data)
@@ -295,6 +297,7 @@ class Worker:
                 "width": encoded.width,
                 "height": encoded.height,
                 "format": encoded.format,
+                "kept_original": encoded.kept_original,
             }
         except (FetchError, CodecError) as exc:
             outcome = {"status": ImageStatus.FAILED.value, "error": exc.reason}

@@ -59,6 +59,7 @@ def test_status_of_a_pending_request(idle_client: FlaskClient) -> None:
             "width": None,
             "height": None,
             "format": None,
+            "kept_original": False,
         }
 
 

@@ -1,10 +1,20 @@
-"""End-to-end benchmark: start the service as ``make run`` does (gunicorn + embedded
-database), serve N distinct photo-like JPEGs from a local host, upload one CSV, and time
-the batch from upload to terminal status. Also measures the compress-only ceiling (the same
-bytes decoded and re-encoded by a plain Pillow loop on one thread per core) and the ratio.
+"""End-to-end benchmark (``make bench``).
 
-Usage: python bench/bench.py [--images N] [--size PX] [--quality Q]
-Prints a table and one JSON line (the last line of output).
+Starts the service as ``make run`` does (gunicorn + the embedded database), serves N
+distinct catalogue-size JPEGs made from real photographs (scikit-image's data set, 2000 px
+and smaller) from a local host, and measures in one run:
+
+- end-to-end images/s, from the upload to the terminal status, for N images;
+- the compress-only ceiling: the same bytes decoded and re-encoded at the same quality by a
+  plain Pillow loop on one thread per core, in one process (run after the batch, alone);
+- their ratio (the headline figure);
+- status latency p50/p99 (the default page, as a user polls it) while the batch runs;
+- the time to accept a 10,000-row CSV (20,000 URLs), and that batch's run to completion on
+  small images, during which the peak RSS of every process is sampled.
+
+Prints a table and one JSON line (the last line). Exit status 1 if a target is missed.
+
+Usage: python bench/bench.py [--images 400] [--big-rows 10000] [--quality 50]
 """
 
 from __future__ import annotations
@@ -22,11 +32,14 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import requests
-from PIL import Image, ImageDraw, ImageFilter
-from werkzeug.serving import make_server
+import skimage
+from PIL import Image, ImageEnhance
+from werkzeug.serving import WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,39 +47,60 @@ sys.path.insert(0, str(ROOT))
 
 from imgproc.embedded_db import free_port  # noqa: E402
 
+PHOTOS = [
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "rocket.jpg",
+    "retina.jpg",
+    "hubble_deep_field.jpg",
+    "motorcycle_left.png",
+    "ihc.png",
+    "motorcycle_right.png",
+    "color.png",
+]
+WIDTHS = [2000, 1600, 1200, 1000, 800, 600]
+TARGETS = {"ratio": 0.85, "big_accept_s": 2.0, "status_p99_ms": 100.0, "app_peak_rss_mb": 400.0}
 
-def photo_like(seed: int, size: int) -> bytes:
-    """A JPEG with gradients, shapes and noise: compresses roughly like a product photo."""
+
+def catalogue_images(count: int, seed: int = 7) -> list[bytes]:
+    """``count`` distinct JPEGs (q90) from real photographs at catalogue sizes."""
     rng = random.Random(seed)
-    width, height = size, size * 3 // 4
-    image = Image.linear_gradient("L").resize((width, height)).convert("RGB")
-    draw = ImageDraw.Draw(image)
-    for _ in range(40):
-        x, y = rng.randrange(width), rng.randrange(height)
-        r = rng.randrange(size // 40, size // 6)
-        colour = tuple(rng.randrange(256) for _ in range(3))
-        draw.ellipse((x - r, y - r, x + r, y + r), fill=colour)  # type: ignore[arg-type]
-    image = image.filter(ImageFilter.GaussianBlur(2))
-    noise = Image.effect_noise((width, height), 24).convert("RGB")
-    image = Image.blend(image, noise, 0.15)
-    out = io.BytesIO()
-    image.save(out, "JPEG", quality=92)
-    return out.getvalue()
+    sources = [
+        Image.open(Path(skimage.__file__).parent / "data" / name).convert("RGB") for name in PHOTOS
+    ]
+    images = []
+    for index in range(count):
+        photo = sources[index % len(sources)]
+        width = WIDTHS[(index // len(sources)) % len(WIDTHS)]
+        height = round(width * photo.height / photo.width)
+        crop = rng.uniform(0.0, 0.08)
+        box = (
+            photo.width * crop,
+            photo.height * crop,
+            photo.width * (1 - crop / 2),
+            photo.height * (1 - crop / 2),
+        )
+        variant = photo.resize((width, height), Image.Resampling.BICUBIC, box=box)
+        variant = ImageEnhance.Brightness(variant).enhance(rng.uniform(0.9, 1.1))
+        out = io.BytesIO()
+        variant.save(out, "JPEG", quality=90)
+        images.append(out.getvalue())
+    return images
 
 
 class ImageHost:
-    """A threaded HTTP server on loopback serving the images from memory."""
+    """A threaded HTTP server on loopback serving images from memory; /small/<n>.jpg is any n."""
 
-    def __init__(self, images: dict[str, bytes]) -> None:
-        self.images = images
-
+    def __init__(self, images: dict[str, bytes], small: bytes) -> None:
         @Request.application  # type: ignore[arg-type]
         def app(request: Request) -> Response:
-            data = self.images.get(request.path)
+            data = small if request.path.startswith("/small/") else images.get(request.path)
             if data is None:
                 return Response("not found", status=404)
             return Response(data, content_type="image/jpeg")
 
+        WSGIRequestHandler.protocol_version = "HTTP/1.1"  # keep-alive, as real image hosts
         self.server = make_server("127.0.0.1", 0, app, threaded=True)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -79,60 +113,163 @@ class ImageHost:
 
 
 def ceiling(images: list[bytes], quality: int) -> float:
-    """Images per second of a plain Pillow decode + encode loop, one thread per core."""
+    """Images/s of a plain Pillow decode + encode loop, one thread per core."""
 
     def one(data: bytes) -> int:
-        image = Image.open(io.BytesIO(data))
         out = io.BytesIO()
-        image.convert("RGB").save(out, "JPEG", quality=quality)
+        Image.open(io.BytesIO(data)).save(out, "JPEG", quality=quality)
         return len(out.getvalue())
 
-    cores = os.cpu_count() or 1
-    with ThreadPoolExecutor(cores) as pool:
-        list(pool.map(one, images[: min(len(images), 20)]))  # warm up
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        list(pool.map(one, images[:20]))  # warm up
         started = time.perf_counter()
         list(pool.map(one, images))
         return len(images) / (time.perf_counter() - started)
 
 
-def rss_mb(pid: int) -> float:
-    """Peak RSS (VmHWM) of a process in MB, from /proc."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-def service_pids(root_pid: int) -> list[int]:
-    """The launcher and all its descendants."""
-    pids, frontier = [root_pid], [root_pid]
+def process_tree(root_pid: int) -> dict[int, str]:
+    """The launcher and its descendants: pid -> short command."""
+    found: dict[int, str] = {}
+    frontier = [root_pid]
     while frontier:
-        parent = frontier.pop()
+        pid = frontier.pop()
         try:
-            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
         except OSError:
             continue
-        for child in map(int, children):
-            pids.append(child)
-            frontier.append(child)
-    return pids
+        found[pid] = cmd
+        frontier.extend(map(int, children))
+    return found
 
 
-def main() -> int:
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per image served
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=100)
-    parser.add_argument("--size", type=int, default=2000, help="width in pixels")
-    parser.add_argument("--quality", type=int, default=50)
-    parser.add_argument("--per-row", type=int, default=2)
-    args = parser.parse_args()
+def role(cmd: str) -> str:
+    if "secantusd" in cmd:
+        return "database"
+    if "gunicorn" in cmd:
+        return "gunicorn"
+    return "launcher"
 
-    print(f"generating {args.images} images of {args.size}px ...", flush=True)
-    images = {f"/img/{i}.jpg": photo_like(i, args.size) for i in range(args.images)}
-    data_dir = tempfile.mkdtemp(prefix="imgproc-bench-")
+
+class RssSampler(threading.Thread):
+    """Samples the RSS of every service process; keeps each one's peak."""
+
+    def __init__(self, root_pid: int) -> None:
+        super().__init__(daemon=True)
+        self.root_pid = root_pid
+        self.peaks: dict[int, tuple[str, float]] = {}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.2):
+            for pid, cmd in process_tree(self.root_pid).items():
+                try:
+                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                        if line.startswith("VmHWM:"):
+                            peak = int(line.split()[1]) / 1024
+                            self.peaks[pid] = (
+                                role(cmd),
+                                max(peak, self.peaks.get(pid, ("", 0))[1]),
+                            )
+                except OSError:
+                    pass
+
+
+class Profiler:
+    """py-spy on every service process while the batch runs; a summary of where time goes."""
+
+    def __init__(self, root_pid: int, out_dir: Path) -> None:
+        self.root_pid = root_pid
+        self.out_dir = out_dir
+        self.recorders: list[tuple[str, Path, subprocess.Popen[bytes]]] = []
+
+    def start(self) -> None:
+        spy = Path(sys.executable).parent / "py-spy"
+        for pid, cmd in process_tree(self.root_pid).items():
+            out = self.out_dir / f"profile-{role(cmd)}-{pid}.txt"
+            process = subprocess.Popen(
+                [
+                    str(spy),
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--format",
+                    "raw",
+                    "--output",
+                    str(out),
+                    "--nonblocking",
+                    "--rate",
+                    "200",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            self.recorders.append((role(cmd), out, process))
+
+    def stop(self) -> None:
+        for _role, _out, process in self.recorders:
+            process.send_signal(signal.SIGINT)
+        for _role, _out, process in self.recorders:
+            process.wait(30)
+
+    def summary(self, top: int = 12) -> str:
+        lines = []
+        for process_role, out, _process in self.recorders:
+            if not out.exists():
+                continue
+            inclusive: dict[str, int] = {}
+            total = 0
+            for line in out.read_text().splitlines():
+                stack, _, count = line.rpartition(" ")
+                total += int(count)
+                for frame in set(stack.split(";")):
+                    if "threading.py" not in frame and "<module>" not in frame:
+                        inclusive[frame] = inclusive.get(frame, 0) + int(count)
+            if total < 50:
+                continue
+            lines.append(f"-- {process_role} {out.name}: {total} samples (inclusive share)")
+            for frame, count in sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]:
+                lines.append(f"  {count / total:6.1%}  {frame[:110]}")
+        return "\n".join(lines)
+
+
+def cpu_seconds(root_pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) used so far, by role; 'bench' is this process (image host)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    used: dict[str, float] = {}
+    for pid, cmd in process_tree(root_pid).items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        used[role(cmd)] = used.get(role(cmd), 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    own = os.times()
+    used["bench"] = own.user + own.system
+    return used
+
+
+def csv_for(urls: list[str], per_row: int) -> bytes:
+    lines = ["S. No.,Product Name,Input Image Urls"]
+    for n, start in enumerate(range(0, len(urls), per_row), 1):
+        lines.append(f'{n},Product {n},"{",".join(urls[start : start + per_row])}"')
+    return ("\n".join(lines) + "\n").encode()
+
+
+def wait_terminal(url: str, request_id: str, timeout: float) -> dict[str, Any]:
+    """Poll (lightly) until the request is terminal."""
+    deadline = time.monotonic() + timeout
+    while True:
+        body: dict[str, Any] = requests.get(
+            f"{url}/csv/status/{request_id}?limit=1", timeout=30
+        ).json()
+        if body["status"] not in ("pending", "processing"):
+            return body
+        if time.monotonic() > deadline:
+            raise SystemExit(f"request {request_id} not finished in {timeout}s: {body}")
+        time.sleep(0.1)
+
+
+def start_service(data_dir: str, extra_env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {
         **os.environ,
@@ -140,6 +277,7 @@ def main() -> int:
         "IMGPROC_DATA_DIR": data_dir,
         "IMGPROC_ALLOW_PRIVATE_URLS": "true",
         "IMGPROC_LOG_LEVEL": "WARNING",
+        **extra_env,
     }
     env.pop("MONGODB_URI", None)
     log = open(Path(data_dir) / "service.log", "wb")  # noqa: SIM115
@@ -152,26 +290,106 @@ def main() -> int:
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if requests.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if service.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"service did not start; see {log.name}")
-            time.sleep(0.2)
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if requests.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return service, url
+        except requests.RequestException:
+            pass
+        if service.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"service did not start; see {log.name}")
+        time.sleep(0.2)
 
-        with ImageHost(images) as host:
-            paths = list(images)
-            lines = ["S. No.,Product Name,Input Image Urls"]
-            for n, start in enumerate(range(0, len(paths), args.per_row), 1):
-                urls = ",".join(host + p for p in paths[start : start + args.per_row])
-                lines.append(f'{n},Product {n},"{urls}"')
-            body = ("\n".join(lines) + "\n").encode()
-            started = time.perf_counter()
+
+def main() -> int:
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per image served
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=400)
+    parser.add_argument("--per-row", type=int, default=2)
+    parser.add_argument("--quality", type=int, default=50)
+    parser.add_argument(
+        "--big-rows",
+        type=int,
+        default=10_000,
+        help="rows of the big CSV (2 URLs each); 0 skips that phase",
+    )
+    parser.add_argument("--polls-per-s", type=float, default=10.0)
+    parser.add_argument(
+        "--status-query",
+        default="",
+        help="query string of the status polls (default: a user's default)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="sample every service process with py-spy during the batch",
+    )
+    args = parser.parse_args()
+
+    print(f"making {args.images} catalogue images from real photographs ...", flush=True)
+    images = catalogue_images(args.images)
+    paths = {f"/img/{i}.jpg": data for i, data in enumerate(images)}
+    small = catalogue_images(1)[0]
+    small_img = Image.open(io.BytesIO(small))
+    small_img.thumbnail((160, 160))
+    out = io.BytesIO()
+    small_img.save(out, "JPEG", quality=85)
+    small = out.getvalue()
+
+    data_dir = tempfile.mkdtemp(prefix="imgproc-bench-")
+    service, url = start_service(data_dir, {})
+    sampler = RssSampler(service.pid)
+    sampler.start()
+    result: dict[str, Any] = {
+        "images": args.images,
+        "quality": args.quality,
+        "cores": os.cpu_count(),
+    }
+    try:
+        with ImageHost(paths, small) as host:
+            body = csv_for([host + p for p in paths], args.per_row)
+            latencies: list[float] = []
+            stop_polling = threading.Event()
+            request_id: list[str] = []
+
+            timeline: dict[str, float] = {}
+            final: list[dict[str, Any]] = []
+            terminal = threading.Event()
+
+            def poll() -> None:
+                """A user polling the status page; also notices the end of the batch."""
+                session = requests.Session()
+                while not stop_polling.is_set():
+                    if not request_id:
+                        time.sleep(0.005)
+                        continue
+                    polled = time.perf_counter()
+                    reply = session.get(
+                        f"{url}/csv/status/{request_id[0]}?{args.status_query}", timeout=30
+                    )
+                    reply.raise_for_status()
+                    latencies.append(time.perf_counter() - polled)
+                    progress = reply.json()["progress"]
+                    finished = progress["images_done"] + progress["images_failed"]
+                    since = round(time.time() - started_wall, 3)
+                    if finished and "first_image_s" not in timeline:
+                        timeline["first_image_s"] = since
+                    if finished == progress["images_total"] and "all_images_s" not in timeline:
+                        timeline["all_images_s"] = since
+                    if reply.json()["status"] not in ("pending", "processing"):
+                        final.append(reply.json())
+                        terminal.set()
+                        return
+                    stop_polling.wait(max(0.0, 1 / args.polls_per_s - latencies[-1]))
+
+            poller = threading.Thread(target=poll, daemon=True)
+            poller.start()
+            profiler = Profiler(service.pid, Path(data_dir)) if args.profile else None
+            if profiler:
+                profiler.start()
+            cpu_before = cpu_seconds(service.pid)
+            started_wall = time.time()
             created = requests.post(
                 f"{url}/csv/upload",
                 files={"file": ("b.csv", body)},
@@ -179,51 +397,98 @@ def main() -> int:
                 timeout=60,
             )
             created.raise_for_status()
-            accepted = time.perf_counter() - started
-            request_id = created.json()["request_id"]
-            latencies = []
-            while True:
-                t0 = time.perf_counter()
-                status = requests.get(f"{url}/csv/status/{request_id}?limit=1", timeout=30).json()
-                latencies.append(time.perf_counter() - t0)
-                if status["status"] not in ("pending", "processing"):
-                    break
-                time.sleep(0.05)
-            elapsed = time.perf_counter() - started
-        peak = {pid: rss_mb(pid) for pid in service_pids(service.pid)}
+            request_id.append(created.json()["request_id"])
+            if not terminal.wait(600):
+                raise SystemExit(f"request {request_id[0]} not finished in 600 s")
+            cpu_after = cpu_seconds(service.pid)
+            status = final[0]
+            # From the client's upload to the server's terminal transition (one clock).
+            completed = datetime.fromisoformat(status["completed_at"].replace("Z", "+00:00"))
+            elapsed = completed.timestamp() - started_wall
+            stop_polling.set()
+            poller.join()
+            if profiler:
+                profiler.stop()
+                print(profiler.summary(), flush=True)
+            latencies.sort()
+            result.update(
+                {
+                    "status": status["status"],
+                    "images_done": status["progress"]["images_done"],
+                    "batch_s": round(elapsed, 2),
+                    "e2e_images_per_s": round(args.images / elapsed, 2),
+                    "timeline_s": timeline,
+                    "cpu_s_by_role": {
+                        k: round(cpu_after[k] - cpu_before.get(k, 0.0), 2) for k in cpu_after
+                    },
+                    "cpu_busy_share": round(
+                        sum(cpu_after[k] - cpu_before.get(k, 0.0) for k in cpu_after)
+                        / (elapsed * (os.cpu_count() or 1)),
+                        3,
+                    ),
+                    "status_polls": len(latencies),
+                    "status_p50_ms": round(1000 * latencies[len(latencies) // 2], 1),
+                    "status_p99_ms": round(
+                        1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 1
+                    ),
+                }
+            )
+
+            if args.big_rows:
+                urls = [f"{host}/small/{i}.jpg" for i in range(2 * args.big_rows)]
+                big = csv_for(urls, 2)
+                started = time.perf_counter()
+                created = requests.post(
+                    f"{url}/csv/upload", files={"file": ("big.csv", big)}, timeout=120
+                )
+                accept = time.perf_counter() - started
+                created.raise_for_status()
+                big_started = time.perf_counter()
+                big_status = wait_terminal(url, created.json()["request_id"], timeout=1800)
+                result.update(
+                    {
+                        "big_rows": args.big_rows,
+                        "big_csv_mib": round(len(big) / 2**20, 2),
+                        "big_accept_s": round(accept, 3),
+                        "big_status": big_status["status"],
+                        "big_images_per_s": round(
+                            2 * args.big_rows / (time.perf_counter() - big_started), 1
+                        ),
+                    }
+                )
     finally:
+        sampler.stop.set()
+        sampler.join()
         service.send_signal(signal.SIGTERM)
         try:
             service.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(service.pid, signal.SIGKILL)
-        log.close()
 
-    e2e = args.images / elapsed
-    top = ceiling(list(images.values()), args.quality)
-    latencies.sort()
-    result = {
-        "images": args.images,
-        "size_px": args.size,
-        "quality": args.quality,
-        "status": status["status"],
-        "images_done": status["progress"]["images_done"],
-        "images_failed": status["progress"]["images_failed"],
-        "upload_accept_s": round(accepted, 3),
-        "batch_s": round(elapsed, 2),
-        "e2e_images_per_s": round(e2e, 2),
-        "ceiling_images_per_s": round(top, 2),
-        "ratio": round(e2e / top, 3),
-        "status_p50_ms": round(1000 * latencies[len(latencies) // 2], 1),
-        "status_p99_ms": round(1000 * latencies[int(len(latencies) * 0.99)], 1),
-        "peak_rss_mb_total": round(sum(peak.values()), 1),
-        "cores": os.cpu_count(),
-    }
+    # The machine's speed drifts between runs (a shared VM): the best of three is what the
+    # hardware allows, and the ratio against it is the conservative one.
+    tops = [ceiling(images, args.quality) for _ in range(3)]
+    top = max(tops)
+    result["ceiling_images_per_s"] = round(top, 2)
+    result["ceiling_runs"] = [round(t, 1) for t in tops]
+    result["ratio"] = round(result["e2e_images_per_s"] / top, 3)
+    by_role: dict[str, list[float]] = {}
+    for process_role, peak in sampler.peaks.values():
+        by_role.setdefault(process_role, []).append(round(peak, 1))
+    result["peak_rss_mb"] = by_role
+    result["app_peak_rss_mb"] = max(by_role.get("gunicorn", [0.0]))
+
+    missed = [
+        k
+        for k, limit in TARGETS.items()
+        if k in result and (result[k] < limit if k == "ratio" else result[k] > limit)
+    ]
+    result["targets_missed"] = missed
     width = max(len(k) for k in result)
     for key, value in result.items():
         print(f"{key:<{width}}  {value}")
     print(json.dumps(result))
-    return 0 if status["status"] == "completed" else 1
+    return 0 if result["status"] == "completed" and not missed else 1
 
 
 if __name__ == "__main__":

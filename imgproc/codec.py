@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any, cast
 
-from PIL import Image, ImageCms, ImageOps, ImageSequence, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageFile, ImageOps, ImageSequence, UnidentifiedImageError
 
 from imgproc.models import OutputFormat
 
@@ -21,6 +21,7 @@ from imgproc.models import OutputFormat
 INPUT_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF", "HEIF")
 ANIMATED_FORMATS = ("GIF", "WEBP", "PNG")
 MAX_FRAMES = 1000
+IO_BLOCK = 4 * 1024 * 1024
 ORIENTATION = 0x0112
 
 # Encoder settings, chosen with `make bench-quality` (table in the README). Baseline JPEG
@@ -70,10 +71,18 @@ class Encoded:
 
 @functools.cache
 def _register_plugins() -> None:
-    """HEIC/HEIF decoding through pillow-heif (AVIF is built into Pillow)."""
+    """Once per process, at first use: HEIC/HEIF decoding through pillow-heif (AVIF is
+    built into Pillow), and whole-image I/O blocks.
+
+    Pillow decodes and encodes in MAXBLOCK-sized steps from a Python loop, taking the GIL
+    back between steps; with the pool's other threads busy, each step waits for the GIL
+    while its core idles. Catalogue images fit in one 4 MiB block, so each decode and
+    each encode becomes a single GIL-free call.
+    """
     from pillow_heif import register_heif_opener
 
     register_heif_opener()
+    ImageFile.MAXBLOCK = max(ImageFile.MAXBLOCK, IO_BLOCK)
 
 
 @functools.cache
@@ -284,7 +293,8 @@ def compress(
         encoded = _encode_animation(image, quality, extra)
         width, height = image.size
     else:
-        still = ImageOps.exif_transpose(image)
+        # exif_transpose copies the whole image even when there is nothing to turn.
+        still = ImageOps.exif_transpose(image) if orientation not in (1, None) else image
         still, icc = _display_ready(still, icc)
         if icc and not _is_srgb(icc):
             extra["icc_profile"] = icc

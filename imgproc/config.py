@@ -38,6 +38,8 @@ class Settings:
     storage: str = "local"
     start_worker: bool = True
     workers: int = 8
+    cpu_slots: int = 0  # 0: one per core
+    worker_nice: int = 10
     max_active_requests: int = 4
     lease_seconds: float = 60.0
     poll_seconds: float = 1.0
@@ -61,6 +63,7 @@ class Settings:
     webhook_retry_delays: tuple[float, ...] = (5, 30, 120, 600, 1800, 3600, 7200, 14400)
     webhook_timeout: float = 10.0
     db_timeout_ms: int = 5000
+    status_cache_products: int = 20_000
     log_level: str = "INFO"
 
     @property
@@ -160,6 +163,15 @@ def validate(s: Settings) -> None:
         _check(getattr(s, field) > 0, field, "must be greater than 0", getattr(s, field))
     for field in ("shutdown_grace_seconds", "fetch_backoff"):
         _check(getattr(s, field) >= 0, field, "must not be negative", getattr(s, field))
+    _check(
+        s.status_cache_products >= 0,
+        "status_cache_products",
+        "must not be negative",
+        s.status_cache_products,
+    )
+    _check(s.cpu_slots >= 0, "cpu_slots", "must be 0 (one per core) or more", s.cpu_slots)
+    _check(0 <= s.worker_nice <= 19, "worker_nice", "must be 0-19", s.worker_nice)
+    _check(s.max_rows < 10_000_000, "max_rows", "must be below 10,000,000", s.max_rows)
     _check(1 <= s.default_quality <= 95, "default_quality", "must be 1-95", s.default_quality)
     _check(s.storage in ("local",), "storage", "must be 'local'", s.storage)
     _check(

@@ -50,6 +50,7 @@ TERMINAL_REQUEST = (
     RequestStatus.FAILED,
 )
 TERMINAL_IMAGE = (ImageStatus.DONE, ImageStatus.FAILED)
+FINISHED_PRODUCT = (ProductStatus.PROCESSED, ProductStatus.FAILED)
 
 
 def utcnow() -> datetime:

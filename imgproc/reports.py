@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from imgproc.csv_input import OUTPUT_COLUMN
-from imgproc.models import ImageStatus, iso
+from imgproc.models import ImageStatus, ProductStatus, iso
 
 Doc = dict[str, Any]
 
@@ -53,16 +53,27 @@ def webhook_info(request: Doc) -> Doc:
     }
 
 
-def product_view(product: Doc, root: str) -> Doc:
-    """One product with its images, outputs lined up with inputs."""
+def product_view(product: Doc, root: str, fed_rows: int = 0) -> Doc:
+    """One product with its images, outputs lined up with inputs.
+
+    A pending product whose row a worker has already taken up (below ``fed_rows``) is shown
+    as processing, with its unfinished images.
+    """
     images = []
+    status = product["status"]
+    if status == ProductStatus.PENDING and product.get("row", fed_rows) < fed_rows:
+        status = ProductStatus.PROCESSING.value
+    working = status == ProductStatus.PROCESSING
     for image in product["images"]:
         done = image["status"] == ImageStatus.DONE
+        image_status = image["status"]
+        if working and image_status == ImageStatus.PENDING:
+            image_status = ImageStatus.PROCESSING.value
         images.append(
             {
                 "input_url": image["input_url"],
                 "output_url": image_url(root, image.get("output_key")) if done else None,
-                "status": image["status"],
+                "status": image_status,
                 "error": image.get("error"),
                 "input_bytes": image.get("input_bytes"),
                 "output_bytes": image.get("output_bytes"),
@@ -75,7 +86,7 @@ def product_view(product: Doc, root: str) -> Doc:
     return {
         "serial_number": product["serial_number"],
         "product_name": product["product_name"],
-        "status": product["status"],
+        "status": status,
         "input_image_urls": [i["input_url"] for i in images],
         "output_image_urls": [i["output_url"] for i in images],
         "images": images,
@@ -92,6 +103,7 @@ def links(request: Doc, root: str) -> Doc:
 
 def status_view(request: Doc, products: list[Doc], root: str, offset: int, limit: int) -> Doc:
     """The body of GET /csv/status/<id>."""
+    fed = int(request.get("fed_rows", 0)) if request["status"] == "processing" else 0
     return {
         "request_id": request["_id"],
         "status": request["status"],
@@ -101,7 +113,7 @@ def status_view(request: Doc, products: list[Doc], root: str, offset: int, limit
         "progress": progress(request),
         "webhook": webhook_info(request),
         "output_csv_url": links(request, root)["output_csv_url"],
-        "products": [product_view(p, root) for p in products],
+        "products": [product_view(p, root, fed) for p in products],
         "products_page": {
             "offset": offset,
             "limit": limit,

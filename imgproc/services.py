@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +14,7 @@ from imgproc.config import Settings
 from imgproc.errors import NotFound, NotReady, RequestNotFound
 from imgproc.fetcher import Fetcher
 from imgproc.models import (
+    FINISHED_PRODUCT,
     TERMINAL_REQUEST,
     Created,
     ImageStatus,
@@ -24,7 +26,7 @@ from imgproc.models import (
 )
 from imgproc.reports import base_url, output_csv, status_view
 from imgproc.storage import LocalStorage, Storage, StoredFile
-from imgproc.store import EPOCH, Doc, Store, connect
+from imgproc.store import EPOCH, Doc, Store, connect, product_id
 from imgproc.webhooks import WebhookSender
 from imgproc.worker import Worker
 
@@ -53,6 +55,8 @@ class Services:
         self.worker = Worker(settings, self.store, self.storage, self.fetcher, self.webhooks)
         self._ready = False
         self._ready_lock = threading.Lock()
+        self._finished: OrderedDict[str, Doc] = OrderedDict()  # product id -> final document
+        self._cache_lock = threading.Lock()
 
     def ensure_ready(self) -> None:
         """Create indexes once per process (at first use, not at import or start-up)."""
@@ -84,18 +88,20 @@ class Services:
         quality = options.quality or self.settings.default_quality
         products = [
             {
+                "_id": product_id(request_id, index),
                 "request_id": request_id,
-                "row": row.row,
+                "row": index,  # dense input order; the CSV line is row.row
                 "serial_number": row.serial_number,
                 "product_name": row.product_name,
                 "extra": row.extra,
                 "status": ProductStatus.PENDING.value,
+                "attempts": 0,
                 "images": [
-                    {"input_url": url, "status": ImageStatus.PENDING.value, "attempts": 0}
+                    {"input_url": url, "status": ImageStatus.PENDING.value}
                     for url in row.input_urls
                 ],
             }
-            for row in parsed.rows
+            for index, row in enumerate(parsed.rows)
         ]
         request: Doc = {
             "_id": request_id,
@@ -152,8 +158,28 @@ class Services:
     def status(self, request_id: str, offset: int, limit: int) -> dict[str, Any]:
         """The status body of a request, one page of products."""
         request = self._request(request_id)
-        products = self.store.page_products(request_id, offset, limit)
+        stop = min(offset + limit, int(request.get("products_total", 0)))
+        products = self._products(request_id, offset, stop)
         return status_view(request, products, self.root(request), offset, limit)
+
+    def _products(self, request_id: str, start: int, stop: int) -> list[Doc]:
+        """Products of rows [start, stop): finished ones from this process's cache (they
+        never change again), the rest from the database."""
+        ids = [product_id(request_id, row) for row in range(start, stop)]
+        with self._cache_lock:
+            cached = {pid: self._finished[pid] for pid in ids if pid in self._finished}
+        missing = [pid for pid in ids if pid not in cached]
+        fetched = self.store.products_by_ids(missing) if missing else []
+        finished = [p for p in fetched if p["status"] in FINISHED_PRODUCT]
+        if finished:
+            with self._cache_lock:
+                for product in finished:
+                    self._finished[product["_id"]] = product
+                while len(self._finished) > self.settings.status_cache_products:
+                    self._finished.popitem(last=False)
+        products = list(cached.values()) + fetched
+        products.sort(key=lambda product: product["_id"])
+        return products
 
     def output_csv(self, request_id: str) -> Iterator[str]:
         """The output CSV of a finished request, streamed."""
@@ -163,7 +189,8 @@ class Services:
                 f"request {request_id} is {request['status']}; the output CSV is "
                 "ready once it is completed, completed_with_errors or failed"
             )
-        return output_csv(request, self.store.iter_products(request_id), self.root(request))
+        products = self.store.iter_products(request_id, int(request["products_total"]))
+        return output_csv(request, products, self.root(request))
 
     def image(self, key: str) -> StoredFile:
         """A stored output image."""

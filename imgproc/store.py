@@ -7,11 +7,12 @@ processes racing for the same work can never both win.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pymongo import ASCENDING, DESCENDING, MongoClient, ReturnDocument
+from pymongo import ASCENDING, DESCENDING, MongoClient, ReturnDocument, UpdateOne
 from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import ConnectionFailure, PyMongoError
@@ -36,7 +37,24 @@ _ACTIVE = [RequestStatus.PENDING.value, RequestStatus.PROCESSING.value]
 _OPEN_PRODUCT = [ProductStatus.PENDING.value, ProductStatus.PROCESSING.value]
 _TERMINAL_IMAGE = [s.value for s in TERMINAL_IMAGE]
 
-__all__ = ["DatabaseDown", "DatabaseError", "Store", "connect"]
+__all__ = ["DatabaseDown", "DatabaseError", "ProductWrite", "Store", "connect", "product_id"]
+
+MAX_ROWS = 10_000_000  # product ids carry the row in 7 digits
+ID_CHUNK = 100
+
+
+def product_id(request_id: str, row: int) -> str:
+    """A product's ``_id``: unique per (request, row) and sorting in input order."""
+    return f"{request_id}:{row:07d}"
+
+
+@dataclass
+class ProductWrite:
+    """Outcomes of some of a product's images, and its final status when they finish it."""
+
+    product_id: str
+    outcomes: dict[int, Doc] = field(default_factory=dict)
+    finished: ProductStatus | None = None
 
 
 def connect(uri: str, *, timeout_ms: int, pool_size: int) -> MongoClient[Doc]:
@@ -66,8 +84,12 @@ class Store:
     # ---- set-up and health -------------------------------------------------------------
 
     def ensure_indexes(self) -> None:
-        """Create the indexes every query here relies on (idempotent)."""
-        self.products.create_index([("request_id", ASCENDING), ("row", ASCENDING)], unique=True)
+        """Create the indexes every query here relies on (idempotent).
+
+        Products need none beyond ``_id``: it is ``<request_id>:<row>`` (see
+        :func:`product_id`), so it is unique per (request, row), sorts in input order and
+        turns every per-request query into an ``_id`` range.
+        """
         self.requests.create_index([("status", ASCENDING), ("lease_until", ASCENDING)])
         self.requests.create_index(
             [("webhook.status", ASCENDING), ("webhook.next_attempt_at", ASCENDING)]
@@ -106,23 +128,38 @@ class Store:
         """The request document, or None."""
         return self.requests.find_one({"_id": request_id})
 
-    def page_products(self, request_id: str, offset: int, limit: int) -> list[Doc]:
-        """Products of a request in input order, one page."""
-        cursor = (
-            self.products.find({"request_id": request_id})
-            .sort("row", ASCENDING)
-            .skip(offset)
-            .limit(limit)
-        )
-        return list(cursor)
+    def products_in_rows(
+        self,
+        request_id: str,
+        start: int,
+        stop: int,
+        query: Doc | None = None,
+        projection: Doc | None = None,
+    ) -> list[Doc]:
+        """Products with rows in [start, stop) (matching ``query``), in input order."""
+        ids = [product_id(request_id, row) for row in range(start, stop)]
+        return self.products_by_ids(ids, query, projection)
 
-    def iter_products(self, request_id: str, batch_size: int = 500) -> Iterator[Doc]:
-        """All products of a request in input order, streamed."""
-        return iter(
-            self.products.find({"request_id": request_id})
-            .sort("row", ASCENDING)
-            .batch_size(batch_size)
-        )
+    def products_by_ids(
+        self, ids: list[str], query: Doc | None = None, projection: Doc | None = None
+    ) -> list[Doc]:
+        """Products by ``_id`` (matching ``query``), in input order.
+
+        By exact ``_id`` (``$in``): an index lookup on any server. A range on ``_id`` is a
+        collection scan on the embedded one, and long ``$in`` lists grow worse than linearly
+        there, so the lists stay short.
+        """
+        found: list[Doc] = []
+        for first in range(0, len(ids), ID_CHUNK):
+            chunk = ids[first : first + ID_CHUNK]
+            found.extend(self.products.find({"_id": {"$in": chunk}, **(query or {})}, projection))
+        found.sort(key=lambda product: product["_id"])
+        return found
+
+    def iter_products(self, request_id: str, total: int, page: int = 500) -> Iterator[Doc]:
+        """All ``total`` products of a request in input order, streamed page by page."""
+        for start in range(0, total, page):
+            yield from self.products_in_rows(request_id, start, min(total, start + page))
 
     # ---- claims and leases -------------------------------------------------------------
 
@@ -162,74 +199,84 @@ class Store:
 
     # ---- per-image work ----------------------------------------------------------------
 
-    def open_products(self, request_id: str) -> Iterator[Doc]:
-        """Products of a request that are not finished yet, in input order."""
-        return iter(
-            self.products.find(
-                {"request_id": request_id, "status": {"$in": _OPEN_PRODUCT}},
-                {"row": 1, "images": 1, "status": 1},
+    def open_products(self, request_id: str, start: int, stop: int) -> list[Doc]:
+        """Unfinished products with rows in [start, stop), in input order."""
+        return self.products_in_rows(
+            request_id,
+            start,
+            stop,
+            {"status": {"$in": _OPEN_PRODUCT}},
+            {"row": 1, "images": 1, "status": 1, "attempts": 1},
+        )
+
+    def count_attempt(self, request_id: str, fed_rows: int) -> int:
+        """After a take-over: one more attempt for every unfinished product the previous
+        owner had already handed to its pool (rows below ``fed_rows``)."""
+        products = self.products_in_rows(
+            request_id, 0, fed_rows, {"status": {"$in": _OPEN_PRODUCT}}, {"_id": 1}
+        )
+        if products:
+            self.products.bulk_write(
+                [UpdateOne({"_id": p["_id"]}, {"$inc": {"attempts": 1}}) for p in products],
+                ordered=False,
             )
-            .sort("row", ASCENDING)
-            .batch_size(200)
-        )
+        return len(products)
 
-    def start_images(self, product_id: Any, indexes: Iterable[int]) -> None:
-        """Mark a product's unfinished images as processing and count the attempt."""
-        sets: Doc = {"status": ProductStatus.PROCESSING.value}
-        incs: Doc = {}
-        for i in indexes:
-            sets[f"images.{i}.status"] = ImageStatus.PROCESSING.value
-            incs[f"images.{i}.attempts"] = 1
-        update: Doc = {"$set": sets}
-        if incs:
-            update["$inc"] = incs
-        self.products.update_one({"_id": product_id}, update)
+    def record_outcomes(self, writes: list[ProductWrite]) -> int:
+        """Write image outcomes (and finished products' status), each image once.
 
-    def record_image(self, product_id: Any, index: int, outcome: Doc) -> Doc | None:
-        """Write one image's outcome once; the product after it, or None if already written."""
-        prefix = f"images.{index}."
-        return self.products.find_one_and_update(
-            {"_id": product_id, prefix + "status": {"$nin": _TERMINAL_IMAGE}},
-            {"$set": {prefix + key: value for key, value in outcome.items()}},
-            projection={"images.status": 1, "status": 1},
-            return_document=ReturnDocument.AFTER,
-        )
+        One update per product, conditional on every image it writes being unfinished
+        (and, when it finishes the product, on the product being open), all in one round
+        trip. Returns how many products were written; fewer than ``len(writes)`` means
+        another process got there first for some.
+        """
+        if not writes:
+            return 0
+        operations = []
+        for write in writes:
+            query: Doc = {"_id": write.product_id}
+            sets: Doc = {}
+            for index, outcome in write.outcomes.items():
+                query[f"images.{index}.status"] = {"$nin": _TERMINAL_IMAGE}
+                sets.update({f"images.{index}.{k}": v for k, v in outcome.items()})
+            if write.finished is not None:
+                query["status"] = {"$in": _OPEN_PRODUCT}
+                sets["status"] = write.finished.value
+            operations.append(UpdateOne(query, {"$set": sets}))
+        return self.products.bulk_write(operations, ordered=False).modified_count
 
-    def finish_product(self, product_id: Any, status: ProductStatus) -> bool:
-        """Move a product to its terminal status once; True for the caller that did it."""
-        result = self.products.update_one(
-            {"_id": product_id, "status": {"$in": _OPEN_PRODUCT}},
-            {"$set": {"status": status.value}},
-        )
-        return result.modified_count == 1
-
-    def add_progress(self, request_id: str, *, done: int, failed: int, products: int) -> None:
-        """Bump the request's live counters."""
+    def add_progress(
+        self, request_id: str, *, done: int, failed: int, products: int, fed_rows: int = 0
+    ) -> None:
+        """Bump the request's live counters; ``fed_rows``: rows handed to a pool so far."""
         now = self.clock()
         self.requests.update_one(
             {"_id": request_id},
             {
                 "$inc": {"images_done": done, "images_failed": failed, "products_done": products},
                 "$set": {"updated_at": now},
+                "$max": {"fed_rows": fed_rows},
             },
         )
 
-    def count_outcomes(self, request_id: str) -> Doc:
+    def count_outcomes(self, request_id: str, total: int) -> Doc:
         """Counters recomputed from the products (the truth, whatever the live counters say)."""
         counts = {"images_done": 0, "images_failed": 0, "products_done": 0, "open_images": 0}
-        for product in self.products.find(
-            {"request_id": request_id}, {"images.status": 1, "status": 1}
-        ).batch_size(1000):
-            for image in product["images"]:
-                status = image["status"]
-                if status == ImageStatus.DONE:
-                    counts["images_done"] += 1
-                elif status == ImageStatus.FAILED:
-                    counts["images_failed"] += 1
-                else:
-                    counts["open_images"] += 1
-            if product["status"] not in _OPEN_PRODUCT:
-                counts["products_done"] += 1
+        projection = {"images.status": 1, "status": 1}
+        for start in range(0, total, 1000):
+            for product in self.products_in_rows(
+                request_id, start, min(total, start + 1000), projection=projection
+            ):
+                for image in product["images"]:
+                    status = image["status"]
+                    if status == ImageStatus.DONE:
+                        counts["images_done"] += 1
+                    elif status == ImageStatus.FAILED:
+                        counts["images_failed"] += 1
+                    else:
+                        counts["open_images"] += 1
+                if product["status"] not in _OPEN_PRODUCT:
+                    counts["products_done"] += 1
         return counts
 
     def set_counters(self, request_id: str, counts: Doc) -> None:

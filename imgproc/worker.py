@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
 
 from imgproc import codec
 from imgproc.codec import CodecError
@@ -34,12 +35,32 @@ from imgproc.models import (
 )
 from imgproc.reports import base_url, webhook_payload
 from imgproc.storage import Storage, image_key
-from imgproc.store import DatabaseDown, DatabaseError, Doc, Store
+from imgproc.store import DatabaseDown, DatabaseError, Doc, ProductWrite, Store
 from imgproc.webhooks import WebhookSender, message_id
 
 log = logging.getLogger(__name__)
 
 WEBHOOK_CLAIM_SECONDS = 120.0
+PAGE = 100  # products read (and marked processing) per query
+FLUSH_IMAGES = 64  # write outcomes once this many are waiting...
+FLUSH_SECONDS = 0.25  # ...or once the oldest has waited this long
+
+
+@dataclass
+class OpenProduct:
+    """What the job knows of a product it is working on."""
+
+    open: set[int]
+    failed: bool
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One image's result, from a pool thread to its job (``result`` None: not done)."""
+
+    product_id: str
+    index: int | None
+    result: Doc | None
 
 
 @dataclass
@@ -47,7 +68,11 @@ class Job:
     """One claimed request while this process works on it."""
 
     request: Doc
-    futures: list[Future[None]] = field(default_factory=list)
+    futures: set[Future[None]] = field(default_factory=set)
+    outcomes: queue.Queue[Outcome] = field(default_factory=queue.Queue)
+    products: dict[str, OpenProduct] = field(default_factory=dict)
+    in_flight: int = 0
+    fed_rows: int = 0  # rows [0, fed_rows) have been handed to the pool
     lost: bool = False
     renewed_at: float = field(default_factory=time.monotonic)
 
@@ -55,6 +80,11 @@ class Job:
     def id(self) -> str:
         """The request id."""
         return str(self.request["_id"])
+
+    @property
+    def total(self) -> int:
+        """How many products the request has."""
+        return int(self.request.get("products_total", 0))
 
 
 def decide_status(counts: Doc) -> RequestStatus:
@@ -86,6 +116,9 @@ class Worker:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._slots = threading.BoundedSemaphore(settings.workers * 2)
+        # Decoding and encoding run outside the GIL: one at a time per core keeps the cores
+        # busy without thrashing them, while the other pool threads download.
+        self._cpu = threading.BoundedSemaphore(settings.cpu_slots or os.cpu_count() or 1)
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
@@ -97,12 +130,21 @@ class Worker:
         """Start the pool and the dispatcher thread (idempotent)."""
         if self._dispatcher is not None:
             return
-        self._executor = ThreadPoolExecutor(self.settings.workers, thread_name_prefix="imgproc")
+        self._executor = ThreadPoolExecutor(
+            self.settings.workers, thread_name_prefix="imgproc", initializer=self._lower_priority
+        )
         self._dispatcher = threading.Thread(
             target=self._dispatch_loop, name="imgproc-dispatch", daemon=True
         )
         self._dispatcher.start()
         log.info("worker %s started with %d threads", self.owner, self.settings.workers)
+
+    def _lower_priority(self) -> None:
+        """Image threads yield the CPU to API requests and the database (Linux: per thread)."""
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.settings.worker_nice)
+        except OSError as exc:  # not Linux, or not allowed: run at normal priority
+            log.debug("could not lower the image threads' priority: %s", exc)
 
     def wake(self) -> None:
         """Look for work now instead of at the next poll."""
@@ -118,13 +160,13 @@ class Worker:
         with self._lock:
             jobs = list(self._jobs.values())
         for job in jobs:
-            for future in job.futures:
+            for future in list(job.futures):
                 future.cancel()
         deadline = time.monotonic() + grace
         self._dispatcher.join(timeout=max(0.0, deadline - time.monotonic()))
         with self._lock:
             jobs = list(self._jobs.values())
-        pending = [f for job in jobs for f in job.futures]
+        pending = [f for job in jobs for f in list(job.futures)]
         wait_futures(pending, timeout=max(0.0, deadline - time.monotonic()))
         for job in jobs:
             try:
@@ -200,14 +242,19 @@ class Worker:
 
     # ---- one request -------------------------------------------------------------------
 
+    def _halted(self, job: Job) -> bool:
+        return job.lost or self._stopping.is_set()
+
     def _run_job(self, job: Job) -> None:
         try:
             if job.request.get("claims", 1) > 1:
-                # A take-over: the live counters may have missed a write of a dead process.
-                self.store.set_counters(job.id, self.store.count_outcomes(job.id))
-            self._feed(job)
-            wait_futures(job.futures)
-            if not (job.lost or self._stopping.is_set()):
+                # A take-over: what the previous owner had in its pool counts as an attempt
+                # (a poison image gives up after a few), and the live counters may have
+                # missed a write of a process that died.
+                self.store.count_attempt(job.id, int(job.request.get("fed_rows", 0)))
+                self.store.set_counters(job.id, self.store.count_outcomes(job.id, job.total))
+            self._work(job)
+            if not self._halted(job):
                 self._finish(job)
         except DatabaseDown as exc:
             log.warning("database unavailable while working on %s: %s; will retry", job.id, exc)
@@ -228,64 +275,106 @@ class Worker:
         except DatabaseError:
             pass  # the lease expires by itself
 
-    def _feed(self, job: Job) -> None:
+    def _work(self, job: Job) -> None:
+        """Feed the pool from the request's open products and write outcomes in batches."""
         assert self._executor is not None
-        max_attempts = self.settings.max_image_attempts
-        for product in self.store.open_products(job.id):
-            if job.lost or self._stopping.is_set():
-                return
-            todo = [
-                i
-                for i, image in enumerate(product["images"])
-                if image["status"] not in TERMINAL_IMAGE
-            ]
-            exhausted = [i for i in todo if product["images"][i].get("attempts", 0) >= max_attempts]
-            for i in exhausted:  # a poison image that killed its process each time
-                self._record(
-                    job,
-                    product["_id"],
-                    i,
-                    {
-                        "status": ImageStatus.FAILED.value,
-                        "error": f"gave up after {max_attempts} attempts",
-                    },
-                )
-            todo = [i for i in todo if i not in exhausted]
-            if not todo:
-                self._settle_product(job, product["_id"], product)
-                continue
-            self.store.start_images(product["_id"], todo)
-            for i in todo:
-                self._slots.acquire()
-                if job.lost or self._stopping.is_set():
+        tasks = self._tasks(job)
+        feeding = True
+        buffer: list[Outcome] = []
+        first_at = 0.0
+        while True:
+            while feeding and not self._halted(job) and self._slots.acquire(timeout=0.01):
+                task = next(tasks, None)
+                if task is None:
                     self._slots.release()
-                    return
-                future = self._executor.submit(
-                    self._process_image,
-                    job,
-                    product["_id"],
-                    product["row"],
-                    i,
-                    product["images"][i]["input_url"],
-                )
-                future.add_done_callback(lambda _f: self._slots.release())
-                job.futures.append(future)
+                    feeding = False
+                    break
+                job.in_flight += 1
+                future = self._executor.submit(self._process_image, job, *task)
+                job.futures.add(future)
+                future.add_done_callback(self._task_done(job))
+            if self._halted(job):
+                feeding = False
+                wait_futures(list(job.futures))  # cancelled ones never report
+                job.in_flight = job.outcomes.qsize()
+            try:
+                buffer.append(job.outcomes.get(timeout=0.02 if feeding else 0.1))
+                while True:
+                    buffer.append(job.outcomes.get_nowait())
+            except queue.Empty:
+                pass
+            if buffer and not first_at:
+                first_at = time.monotonic()
+            drained = not feeding and job.in_flight <= len(buffer)
+            if buffer and (
+                drained
+                or len(buffer) >= FLUSH_IMAGES
+                or time.monotonic() - first_at >= FLUSH_SECONDS
+            ):
+                job.in_flight -= len(buffer)
+                self._flush_with_retry(job, buffer)
+                buffer, first_at = [], 0.0
+            if not feeding and job.in_flight <= 0 and not buffer:
+                return
 
-    def _process_image(self, job: Job, product_id: Any, row: int, index: int, url: str) -> None:
-        """Download, compress, store and record one image; always records an outcome."""
-        if job.lost or self._stopping.is_set():
-            return  # left as processing: the next claim redoes it
-        outcome: Doc
+    def _task_done(self, job: Job) -> Callable[[Future[None]], None]:
+        def done(future: Future[None]) -> None:
+            job.futures.discard(future)
+            self._slots.release()
+
+        return done
+
+    def _tasks(self, job: Job) -> Iterator[tuple[str, int, int, str]]:
+        """(product id, row, index, url) of every unfinished image, page by page."""
+        total = job.total
+        max_attempts = self.settings.max_image_attempts
+        for start in range(0, total, PAGE):
+            if self._halted(job):
+                return
+            products = self.store.open_products(job.id, start, start + PAGE)
+            for product in products:
+                job.fed_rows = product["row"] + 1
+                images = product["images"]
+                todo = [i for i, im in enumerate(images) if im["status"] not in TERMINAL_IMAGE]
+                failed = any(image["status"] == ImageStatus.FAILED for image in images)
+                job.products[product["_id"]] = OpenProduct(set(todo), failed)
+                if not todo:  # all images written, the product not: a crash in between
+                    job.outcomes.put(Outcome(product["_id"], None, None))
+                    job.in_flight += 1
+                elif product.get("attempts", 0) >= max_attempts:
+                    # A poison product whose images killed their process each time.
+                    for i in todo:
+                        job.outcomes.put(
+                            Outcome(
+                                product["_id"],
+                                i,
+                                {
+                                    "status": ImageStatus.FAILED.value,
+                                    "error": f"gave up after {max_attempts} attempts",
+                                },
+                            )
+                        )
+                        job.in_flight += 1
+                else:
+                    for i in todo:
+                        yield product["_id"], product["row"], i, images[i]["input_url"]
+
+    def _process_image(self, job: Job, product_id: str, row: int, index: int, url: str) -> None:
+        """Download, compress and store one image; always reports exactly one outcome."""
+        outcome: Doc | None = None
         try:
+            if self._halted(job):
+                return  # left unfinished: the next claim redoes it
             fetched = self.fetcher.fetch(url)
-            encoded = codec.compress(
-                fetched.data,
-                quality=job.request["quality"],
-                output_format=OutputFormat(job.request["output_format"]),
-                max_pixels=self.settings.max_pixels,
-                keep_metadata=self.settings.keep_metadata,
-                jpeg_optimize=self.settings.jpeg_optimize,
-            )
+            with self._cpu:
+                encoded = codec.compress(
+                    fetched.data,
+                    quality=job.request["quality"],
+                    output_format=OutputFormat(job.request["output_format"]),
+                    max_pixels=self.settings.max_pixels,
+                    keep_metadata=self.settings.keep_metadata,
+                    jpeg_optimize=self.settings.jpeg_optimize,
+                )
             key = image_key(job.id, row, index, encoded.extension)
             self.storage.put(key, encoded.data)
             outcome = {
@@ -307,55 +396,62 @@ class Worker:
                 "status": ImageStatus.FAILED.value,
                 "error": "internal error while processing the image",
             }
-        self._record_with_retry(job, product_id, index, outcome)
+        finally:
+            job.outcomes.put(Outcome(product_id, index, outcome))
 
-    def _record_with_retry(self, job: Job, product_id: Any, index: int, outcome: Doc) -> None:
-        """Record an outcome, riding out a short database outage."""
+    def _flush_with_retry(self, job: Job, outcomes: list[Outcome]) -> None:
+        """Write a batch of outcomes, riding out a short database outage."""
         deadline = time.monotonic() + self.settings.lease_seconds
         delay = 0.2
         while True:
             try:
-                self._record(job, product_id, index, outcome)
+                self._flush(job, outcomes)
                 return
             except DatabaseDown as exc:
                 if time.monotonic() > deadline or self._stopping.is_set():
                     log.warning(
-                        "request %s: could not record an image (%s); it will be redone", job.id, exc
+                        "request %s: could not record %d images (%s); they will be redone",
+                        job.id,
+                        len(outcomes),
+                        exc,
                     )
                     job.lost = True
                     return
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
-            except Exception:
-                log.exception("request %s: could not record an image", job.id)
-                job.lost = True
-                return
 
-    def _record(self, job: Job, product_id: Any, index: int, outcome: Doc) -> None:
-        product = self.store.record_image(product_id, index, outcome)
-        if product is None:
-            return  # already recorded (by us before a retry, or by another process)
-        done = outcome["status"] == ImageStatus.DONE.value
-        products = self._settle_product(job, product_id, product, count=False)
-        self.store.add_progress(job.id, done=int(done), failed=int(not done), products=products)
-
-    def _settle_product(
-        self, job: Job, product_id: Any, product: Doc, *, count: bool = True
-    ) -> int:
-        """Finish the product if all its images are; 1 if this call finished it."""
-        statuses = [image["status"] for image in product["images"]]
-        if any(s not in TERMINAL_IMAGE for s in statuses):
-            return 0
-        failed = ImageStatus.FAILED.value in statuses
-        status = ProductStatus.FAILED if failed else ProductStatus.PROCESSED
-        if not self.store.finish_product(product_id, status):
-            return 0
-        if count:
-            self.store.add_progress(job.id, done=0, failed=0, products=1)
-        return 1
+    def _flush(self, job: Job, outcomes: list[Outcome]) -> None:
+        """One write per touched product (outcomes + final status), one counter update."""
+        writes: dict[str, ProductWrite] = {}
+        done = failed = finished = 0
+        for outcome in outcomes:
+            state = job.products.get(outcome.product_id)
+            write = writes.setdefault(outcome.product_id, ProductWrite(outcome.product_id))
+            if outcome.index is not None and outcome.result is not None:
+                write.outcomes[outcome.index] = outcome.result
+                if outcome.result["status"] == ImageStatus.FAILED.value:
+                    failed += 1
+                    if state:
+                        state.failed = True
+                else:
+                    done += 1
+                if state:
+                    state.open.discard(outcome.index)
+            if state and not state.open:
+                write.finished = ProductStatus.FAILED if state.failed else ProductStatus.PROCESSED
+                finished += 1
+                del job.products[outcome.product_id]
+        useful = [w for w in writes.values() if w.outcomes or w.finished]
+        written = self.store.record_outcomes(useful)
+        if written == len(useful):
+            self.store.add_progress(
+                job.id, done=done, failed=failed, products=finished, fed_rows=job.fed_rows
+            )
+        else:  # another process wrote some of these first: count from the products
+            self.store.set_counters(job.id, self.store.count_outcomes(job.id, job.total))
 
     def _finish(self, job: Job) -> None:
-        counts = self.store.count_outcomes(job.id)
+        counts = self.store.count_outcomes(job.id, job.total)
         if counts["open_images"]:
             log.info(
                 "request %s still has %d open images; releasing it for another pass",

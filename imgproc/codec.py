@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import functools
 import io
+import os
 import struct
 from dataclasses import dataclass
 from typing import Any, cast
 
-from PIL import Image, ImageCms, ImageFile, ImageOps, ImageSequence, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, ImageSequence, UnidentifiedImageError
 
 from imgproc.models import OutputFormat
 
@@ -21,7 +22,6 @@ from imgproc.models import OutputFormat
 INPUT_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF", "HEIF")
 ANIMATED_FORMATS = ("GIF", "WEBP", "PNG")
 MAX_FRAMES = 1000
-IO_BLOCK = 4 * 1024 * 1024
 ORIENTATION = 0x0112
 
 # Encoder settings, chosen with `make bench-quality` (table in the README). Baseline JPEG
@@ -71,18 +71,28 @@ class Encoded:
 
 @functools.cache
 def _register_plugins() -> None:
-    """Once per process, at first use: HEIC/HEIF decoding through pillow-heif (AVIF is
-    built into Pillow), and whole-image I/O blocks.
-
-    Pillow decodes and encodes in MAXBLOCK-sized steps from a Python loop, taking the GIL
-    back between steps; with the pool's other threads busy, each step waits for the GIL
-    while its core idles. Catalogue images fit in one 4 MiB block, so each decode and
-    each encode becomes a single GIL-free call.
-    """
+    """HEIC/HEIF decoding through pillow-heif (AVIF is built into Pillow), once, at first use."""
     from pillow_heif import register_heif_opener
 
     register_heif_opener()
-    ImageFile.MAXBLOCK = max(ImageFile.MAXBLOCK, IO_BLOCK)
+
+
+def _save(image: Image.Image, fmt: str, **options: Any) -> bytes:
+    """``image.save`` into bytes, with the encoder running outside the GIL.
+
+    Pillow releases the GIL while encoding only when it writes to a real file descriptor
+    (``encode_to_file``); into a BytesIO it encodes holding the GIL, so a thread pool
+    encodes one image at a time whatever the cores. An anonymous memory file gives it a
+    descriptor without touching a disk; the bytes are the same.
+    """
+    if not hasattr(os, "memfd_create"):  # not Linux
+        out = io.BytesIO()
+        image.save(out, fmt, **options)
+        return out.getvalue()
+    with os.fdopen(os.memfd_create("imgproc-encode", os.MFD_CLOEXEC), "w+b") as handle:
+        image.save(handle, fmt, **options)
+        handle.seek(0)
+        return handle.read()
 
 
 @functools.cache
@@ -216,23 +226,21 @@ def _encode_still(
     extra: dict[str, Any],
     optimize: bool,
 ) -> bytes:
-    out = io.BytesIO()
     if target == "JPEG":
         if alpha:
             image = _flatten(image)
         elif image.mode not in ("L", "RGB"):
             image = image.convert("L" if image.mode == "LA" else "RGB")
-        image.save(out, "JPEG", quality=quality, optimize=optimize, **extra)
-    elif target == "WEBP":
+        return _save(image, "JPEG", quality=quality, optimize=optimize, **extra)
+    if target == "WEBP":
         image = image.convert("RGBA" if alpha else "RGB")
-        image.save(out, "WEBP", quality=quality, **WEBP_SETTINGS, **extra)
-    else:  # PNG: palette-quantised and optimised
-        if alpha:
-            palette = image.convert("RGBA").quantize(256, method=Image.Quantize.FASTOCTREE)
-        else:
-            palette = image.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT)
-        palette.save(out, "PNG", optimize=True, **extra)
-    return out.getvalue()
+        return _save(image, "WEBP", quality=quality, **WEBP_SETTINGS, **extra)
+    # PNG: palette-quantised and optimised
+    if alpha:
+        palette = image.convert("RGBA").quantize(256, method=Image.Quantize.FASTOCTREE)
+    else:
+        palette = image.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT)
+    return _save(palette, "PNG", optimize=True, **extra)
 
 
 def _encode_animation(image: Image.Image, quality: int, extra: dict[str, Any]) -> bytes:
@@ -240,9 +248,8 @@ def _encode_animation(image: Image.Image, quality: int, extra: dict[str, Any]) -
     for frame in ImageSequence.Iterator(image):
         frames.append(frame.convert("RGBA"))
         durations.append(int(frame.info.get("duration", image.info.get("duration", 100)) or 100))
-    out = io.BytesIO()
-    frames[0].save(
-        out,
+    return _save(
+        frames[0],
         "WEBP",
         save_all=True,
         append_images=frames[1:],
@@ -252,7 +259,6 @@ def _encode_animation(image: Image.Image, quality: int, extra: dict[str, Any]) -
         **WEBP_SETTINGS,
         **extra,
     )
-    return out.getvalue()
 
 
 def _target(output_format: OutputFormat, alpha: bool, animated: bool) -> str:

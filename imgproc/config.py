@@ -38,7 +38,7 @@ class Settings:
     storage: str = "local"
     start_worker: bool = True
     workers: int = 8
-    cpu_slots: int = 0  # 0: one per core
+    cpu_slots: int = 0  # 0: cores + 1
     worker_nice: int = 10
     max_active_requests: int = 4
     lease_seconds: float = 60.0
@@ -169,7 +169,7 @@ def validate(s: Settings) -> None:
         "must not be negative",
         s.status_cache_products,
     )
-    _check(s.cpu_slots >= 0, "cpu_slots", "must be 0 (one per core) or more", s.cpu_slots)
+    _check(s.cpu_slots >= 0, "cpu_slots", "must be 0 (cores + 1) or more", s.cpu_slots)
     _check(0 <= s.worker_nice <= 19, "worker_nice", "must be 0-19", s.worker_nice)
     _check(s.max_rows < 10_000_000, "max_rows", "must be below 10,000,000", s.max_rows)
     _check(1 <= s.default_quality <= 95, "default_quality", "must be 1-95", s.default_quality)

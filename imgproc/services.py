@@ -32,6 +32,8 @@ from imgproc.worker import Worker
 
 log = logging.getLogger(__name__)
 
+STATUS_PAGES_CACHED = 64  # rendered status pages kept per process (by request, offset, limit)
+
 
 def _valid_id(request_id: str) -> bool:
     try:
@@ -57,6 +59,7 @@ class Services:
         self._ready_lock = threading.Lock()
         self._finished: OrderedDict[str, Doc] = OrderedDict()  # product id -> final document
         self._cache_lock = threading.Lock()
+        self._pages: OrderedDict[tuple[str, int, int], tuple[int, dict[str, Any]]] = OrderedDict()
 
     def ensure_ready(self) -> None:
         """Create indexes once per process (at first use, not at import or start-up)."""
@@ -158,9 +161,22 @@ class Services:
     def status(self, request_id: str, offset: int, limit: int) -> dict[str, Any]:
         """The status body of a request, one page of products."""
         request = self._request(request_id)
+        key = (request_id, offset, limit)
+        version = request.get("version", 0)
+        with self._cache_lock:
+            cached = self._pages.get(key)
+            if cached is not None and cached[0] == version:
+                self._pages.move_to_end(key)
+                return cached[1]  # nothing it shows has changed since it was rendered
         stop = min(offset + limit, int(request.get("products_total", 0)))
         products = self._products(request_id, offset, stop)
-        return status_view(request, products, self.root(request), offset, limit)
+        body = status_view(request, products, self.root(request), offset, limit)
+        with self._cache_lock:
+            self._pages[key] = (version, body)
+            self._pages.move_to_end(key)
+            while len(self._pages) > STATUS_PAGES_CACHED:
+                self._pages.popitem(last=False)
+        return body
 
     def _products(self, request_id: str, start: int, stop: int) -> list[Doc]:
         """Products of rows [start, stop): finished ones from this process's cache (they

@@ -73,7 +73,10 @@ def connect(uri: str, *, timeout_ms: int, pool_size: int) -> MongoClient[Doc]:
 
 
 class Store:
-    """Collections of one database and the operations the service performs on them."""
+    """Collections of one database and the operations the service performs on them.
+
+    Every write that changes what the status of a request shows increments the request's
+    ``version``, so a rendered status page can be reused until it moves."""
 
     def __init__(self, db: Database[Doc], clock: Callable[[], datetime] = utcnow) -> None:
         self.db = db
@@ -175,7 +178,7 @@ class Store:
                     "lease_until": now + timedelta(seconds=lease_seconds),
                     "updated_at": now,
                 },
-                "$inc": {"claims": 1},
+                "$inc": {"claims": 1, "version": 1},
             },
             sort=[("lease_until", ASCENDING)],
             return_document=ReturnDocument.AFTER,
@@ -253,7 +256,12 @@ class Store:
         self.requests.update_one(
             {"_id": request_id},
             {
-                "$inc": {"images_done": done, "images_failed": failed, "products_done": products},
+                "$inc": {
+                    "images_done": done,
+                    "images_failed": failed,
+                    "products_done": products,
+                    "version": 1,
+                },
                 "$set": {"updated_at": now},
                 "$max": {"fed_rows": fed_rows},
             },
@@ -283,7 +291,10 @@ class Store:
         """Overwrite the live counters with recomputed ones (after a take-over)."""
         self.requests.update_one(
             {"_id": request_id},
-            {"$set": {k: counts[k] for k in ("images_done", "images_failed", "products_done")}},
+            {
+                "$set": {k: counts[k] for k in ("images_done", "images_failed", "products_done")},
+                "$inc": {"version": 1},
+            },
         )
 
     def finish_request(
@@ -305,7 +316,8 @@ class Store:
             sets["webhook.status"] = WebhookStatus.PENDING.value
             sets["webhook.next_attempt_at"] = now
         result = self.requests.update_one(
-            {"_id": request_id, "status": RequestStatus.PROCESSING.value}, {"$set": sets}
+            {"_id": request_id, "status": RequestStatus.PROCESSING.value},
+            {"$set": sets, "$inc": {"version": 1}},
         )
         return result.modified_count == 1
 
@@ -360,6 +372,6 @@ class Store:
                     "webhook.next_attempt_at": retry_at,
                     "updated_at": now,
                 },
-                "$inc": {"webhook.attempts": 1},
+                "$inc": {"webhook.attempts": 1, "version": 1},
             },
         )

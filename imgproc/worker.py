@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 
 WEBHOOK_CLAIM_SECONDS = 120.0
 PAGE = 100  # products read (and marked processing) per query
-FLUSH_IMAGES = 64  # write outcomes once this many are waiting...
-FLUSH_SECONDS = 0.25  # ...or once the oldest has waited this long
+FLUSH_IMAGES = 128  # write outcomes once this many are waiting...
+FLUSH_SECONDS = 0.5  # ...or once the oldest has waited this long
 
 
 @dataclass
@@ -116,9 +116,10 @@ class Worker:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._slots = threading.BoundedSemaphore(settings.workers * 2)
-        # Decoding and encoding run outside the GIL: one at a time per core keeps the cores
-        # busy without thrashing them, while the other pool threads download.
-        self._cpu = threading.BoundedSemaphore(settings.cpu_slots or os.cpu_count() or 1)
+        # Decoding and encoding run outside the GIL. One image per core, plus one so that a
+        # core never waits while another image is in the Python parts of the codec, keeps
+        # the cores busy without thrashing them; the other pool threads download meanwhile.
+        self._cpu = threading.BoundedSemaphore(settings.cpu_slots or (os.cpu_count() or 1) + 1)
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None

@@ -212,18 +212,20 @@ class Store:
             {"row": 1, "images": 1, "status": 1, "attempts": 1},
         )
 
-    def count_attempt(self, request_id: str, fed_rows: int) -> int:
-        """After a take-over: one more attempt for every unfinished product the previous
-        owner had already handed to its pool (rows below ``fed_rows``)."""
-        products = self.products_in_rows(
-            request_id, 0, fed_rows, {"status": {"$in": _OPEN_PRODUCT}}, {"_id": 1}
+    def mark_fed(self, request_id: str, fed_rows: int) -> None:
+        """Record that rows below ``fed_rows`` are handed to a pool (before they are), so a
+        take-over knows which products a dead process was working on."""
+        self.requests.update_one(
+            {"_id": request_id},
+            {"$max": {"fed_rows": fed_rows}, "$inc": {"version": 1}},
         )
-        if products:
-            self.products.bulk_write(
-                [UpdateOne({"_id": p["_id"]}, {"$inc": {"attempts": 1}}) for p in products],
-                ordered=False,
-            )
-        return len(products)
+
+    def start_product(self, product_id: str) -> None:
+        """Count one more attempt at a product (done for suspects after a take-over)."""
+        self.products.update_one(
+            {"_id": product_id},
+            {"$set": {"status": ProductStatus.PROCESSING.value}, "$inc": {"attempts": 1}},
+        )
 
     def record_outcomes(self, writes: list[ProductWrite]) -> int:
         """Write image outcomes (and finished products' status), each image once.
@@ -248,10 +250,8 @@ class Store:
             operations.append(UpdateOne(query, {"$set": sets}))
         return self.products.bulk_write(operations, ordered=False).modified_count
 
-    def add_progress(
-        self, request_id: str, *, done: int, failed: int, products: int, fed_rows: int = 0
-    ) -> None:
-        """Bump the request's live counters; ``fed_rows``: rows handed to a pool so far."""
+    def add_progress(self, request_id: str, *, done: int, failed: int, products: int) -> None:
+        """Bump the request's live counters."""
         now = self.clock()
         self.requests.update_one(
             {"_id": request_id},
@@ -263,7 +263,6 @@ class Store:
                     "version": 1,
                 },
                 "$set": {"updated_at": now},
-                "$max": {"fed_rows": fed_rows},
             },
         )
 

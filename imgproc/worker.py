@@ -1,7 +1,7 @@
 """The dispatcher, the ThreadPoolExecutor, leases and recovery.
 
 One dispatcher thread per process claims requests from MongoDB with a lease, renews the
-lease while work goes on, and hands each claimed request to a feeder thread that submits
+lease while work goes on, and hands each claimed request to a job thread that submits
 its unfinished images to the shared pool. Any process whose lease has expired loses the
 request to the next claim, which does only what is not yet done; that claim is also the
 recovery sweep. Due webhooks are claimed the same way and delivered from the pool.
@@ -72,7 +72,6 @@ class Job:
     outcomes: queue.Queue[Outcome] = field(default_factory=queue.Queue)
     products: dict[str, OpenProduct] = field(default_factory=dict)
     in_flight: int = 0
-    fed_rows: int = 0  # rows [0, fed_rows) have been handed to the pool
     lost: bool = False
     renewed_at: float = field(default_factory=time.monotonic)
 
@@ -249,11 +248,10 @@ class Worker:
     def _run_job(self, job: Job) -> None:
         try:
             if job.request.get("claims", 1) > 1:
-                # A take-over: what the previous owner had in its pool counts as an attempt
-                # (a poison image gives up after a few), and the live counters may have
-                # missed a write of a process that died.
-                self.store.count_attempt(job.id, int(job.request.get("fed_rows", 0)))
+                # A take-over: the live counters may have missed a write of the process that
+                # died, and one of the products it was working on may be what killed it.
                 self.store.set_counters(job.id, self.store.count_outcomes(job.id, job.total))
+                self._suspects(job)
             self._work(job)
             if not self._halted(job):
                 self._finish(job)
@@ -318,6 +316,42 @@ class Worker:
             if not feeding and job.in_flight <= 0 and not buffer:
                 return
 
+    def _suspects(self, job: Job) -> None:
+        """After a take-over: the unfinished products the previous owner had handed to its
+        pool (rows below ``fed_rows``), one at a time, each attempt counted and each outcome
+        written at once, so an image that kills its process fails after a few attempts
+        without taking its neighbours with it."""
+        max_attempts = self.settings.max_image_attempts
+        suspects = self.store.open_products(job.id, 0, int(job.request.get("fed_rows", 0)))
+        for product in suspects:
+            if self._halted(job):
+                return
+            images = product["images"]
+            todo = [i for i, im in enumerate(images) if im["status"] not in TERMINAL_IMAGE]
+            job.products[product["_id"]] = OpenProduct(
+                set(todo), any(im["status"] == ImageStatus.FAILED for im in images)
+            )
+            if product.get("attempts", 0) >= max_attempts:
+                outcomes = [
+                    Outcome(
+                        product["_id"],
+                        i,
+                        {
+                            "status": ImageStatus.FAILED.value,
+                            "error": f"gave up after {max_attempts} attempts",
+                        },
+                    )
+                    for i in todo
+                ]
+            else:
+                self.store.start_product(product["_id"])
+                for i in todo:
+                    self._process_image(
+                        job, product["_id"], product["row"], i, images[i]["input_url"]
+                    )
+                outcomes = [job.outcomes.get() for _ in todo]
+            self._flush_with_retry(job, outcomes or [Outcome(product["_id"], None, None)])
+
     def _task_done(self, job: Job) -> Callable[[Future[None]], None]:
         def done(future: Future[None]) -> None:
             job.futures.discard(future)
@@ -328,13 +362,13 @@ class Worker:
     def _tasks(self, job: Job) -> Iterator[tuple[str, int, int, str]]:
         """(product id, row, index, url) of every unfinished image, page by page."""
         total = job.total
-        max_attempts = self.settings.max_image_attempts
         for start in range(0, total, PAGE):
             if self._halted(job):
                 return
             products = self.store.open_products(job.id, start, start + PAGE)
+            if products:
+                self.store.mark_fed(job.id, products[-1]["row"] + 1)
             for product in products:
-                job.fed_rows = product["row"] + 1
                 images = product["images"]
                 todo = [i for i, im in enumerate(images) if im["status"] not in TERMINAL_IMAGE]
                 failed = any(image["status"] == ImageStatus.FAILED for image in images)
@@ -342,20 +376,6 @@ class Worker:
                 if not todo:  # all images written, the product not: a crash in between
                     job.outcomes.put(Outcome(product["_id"], None, None))
                     job.in_flight += 1
-                elif product.get("attempts", 0) >= max_attempts:
-                    # A poison product whose images killed their process each time.
-                    for i in todo:
-                        job.outcomes.put(
-                            Outcome(
-                                product["_id"],
-                                i,
-                                {
-                                    "status": ImageStatus.FAILED.value,
-                                    "error": f"gave up after {max_attempts} attempts",
-                                },
-                            )
-                        )
-                        job.in_flight += 1
                 else:
                     for i in todo:
                         yield product["_id"], product["row"], i, images[i]["input_url"]
@@ -445,9 +465,7 @@ class Worker:
         useful = [w for w in writes.values() if w.outcomes or w.finished]
         written = self.store.record_outcomes(useful)
         if written == len(useful):
-            self.store.add_progress(
-                job.id, done=done, failed=failed, products=finished, fed_rows=job.fed_rows
-            )
+            self.store.add_progress(job.id, done=done, failed=failed, products=finished)
         else:  # another process wrote some of these first: count from the products
             self.store.set_counters(job.id, self.store.count_outcomes(job.id, job.total))
 

@@ -112,3 +112,66 @@ def test_sigkill_mid_batch_then_restart(
         assert len(output.text.strip().splitlines()) == 9
     finally:
         second.stop()
+
+
+def test_an_image_that_kills_its_process_every_time_is_given_up(
+    image_host: HTTPServer, mongo_uri: str, db_name: str, tmp_path: Path
+) -> None:
+    """A poison image (here: a host that hangs while the process is killed) fails with a
+    reason after IMGPROC_MAX_IMAGE_ATTEMPTS counted attempts, its neighbour does not, and the
+    batch completes. The first run's crash counts nothing (the batch ran at full speed, with
+    nothing written per product before it started); each take-over then works on the dead
+    owner's products one at a time, counting each attempt."""
+    poison_hits = threading.Semaphore(0)
+
+    def hang(_request: Request) -> Response:
+        poison_hits.release()
+        time.sleep(30)
+        return Response(b"", content_type="image/jpeg")
+
+    image_host.expect_request("/poison.jpg").respond_with_handler(hang)
+    good = image_host.url_for("/good.jpg")
+    image_host.expect_request("/good.jpg").respond_with_data(
+        make_image(), content_type="image/jpeg"
+    )
+    env = {
+        **service_env(mongo_uri, db_name, tmp_path / "data"),
+        "IMGPROC_LEASE_SECONDS": "2",
+        "IMGPROC_FETCH_ATTEMPTS": "1",
+        "IMGPROC_READ_TIMEOUT": "60",
+    }
+    rows = [(1, "Poison", [image_host.url_for("/poison.jpg")]), (2, "Fine", [good])]
+
+    request_id = None
+    for attempt in range(4):
+        service = start_gunicorn(env, tmp_path / f"run{attempt}.log")
+        try:
+            if request_id is None:
+                created = requests.post(
+                    f"{service.url}/csv/upload",
+                    files={"file": ("p.csv", csv_bytes(rows))},
+                    timeout=10,
+                )
+                request_id = created.json()["request_id"]
+            assert poison_hits.acquire(timeout=30), f"attempt {attempt}: poison never fetched"
+            service.kill()
+        finally:
+            service.stop()
+
+    last = start_gunicorn(env, tmp_path / "last.log")
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            body = requests.get(f"{last.url}/csv/status/{request_id}", timeout=5).json()
+            if body["status"] in TERMINAL:
+                break
+            assert time.monotonic() < deadline, body["progress"]
+            time.sleep(0.1)
+        poison, fine = body["products"]
+        assert poison["images"][0]["status"] == "failed"
+        assert poison["images"][0]["error"] == "gave up after 3 attempts"
+        assert fine["images"][0]["status"] == "done"
+        assert body["status"] == "completed_with_errors"
+        assert not poison_hits.acquire(timeout=0.5)  # not fetched a fourth time
+    finally:
+        last.stop()

@@ -17,6 +17,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     ``config`` overrides settings by field name (tests pass one). The background worker
     starts here when ``start_worker`` is true; importing this package starts nothing.
     """
+    from imgproc import auth
     from imgproc.api import csv, images, ops
     from imgproc.config import load_settings
     from imgproc.errors import register_error_handlers
@@ -33,6 +34,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     services = Services(settings)
     app.extensions["imgproc"] = services
     register_error_handlers(app)
+    auth.install(app, settings.api_keys)
     for blueprint in (csv.bp, images.bp, ops.bp):
         app.register_blueprint(blueprint)
     if settings.start_worker:

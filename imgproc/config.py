@@ -60,6 +60,8 @@ class Settings:
     max_image_attempts: int = 3
     allow_private_urls: bool = False
     webhook_secret: str | None = None
+    api_keys: tuple[str, ...] = ()
+    idempotency_hours: float = 24.0
     webhook_retry_delays: tuple[float, ...] = (5, 30, 120, 600, 1800, 3600, 7200, 14400)
     webhook_timeout: float = 10.0
     db_timeout_ms: int = 5000
@@ -89,6 +91,10 @@ def _parse_delays(raw: str) -> tuple[float, ...]:
     return delays
 
 
+def _parse_keys(raw: str) -> tuple[str, ...]:
+    return tuple(k.strip() for k in raw.split(",") if k.strip())
+
+
 def _parse_optional_str(raw: str) -> str | None:
     return raw.strip() or None
 
@@ -100,6 +106,7 @@ _PARSERS: dict[type[Any] | str, Callable[[str], Any]] = {
     "str": str,
     "str | None": _parse_optional_str,
     "tuple[float, ...]": _parse_delays,
+    "tuple[str, ...]": _parse_keys,
 }
 
 _ENV_NAMES = {"mongodb_uri": "MONGODB_URI"}
@@ -200,6 +207,11 @@ def validate(s: Settings) -> None:
             "must be an absolute http(s) URL",
             s.public_url,
         )
+    _check(
+        s.idempotency_hours > 0, "idempotency_hours", "must be greater than 0", s.idempotency_hours
+    )
+    short = [k for k in s.api_keys if len(k) < 16 or not k.isprintable() or " " in k]
+    _check(not short, "api_keys", "every key needs 16+ printable characters, no spaces", "***")
     if s.webhook_secret is not None:
         secret = s.webhook_secret.removeprefix("whsec_")
         try:

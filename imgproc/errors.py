@@ -91,6 +91,12 @@ class UnsupportedMediaType(ApiError):
     message = "send the CSV as multipart/form-data with a 'file' field"
 
 
+class IdempotencyConflict(ApiError):
+    status_code = 409
+    code = "idempotency_conflict"
+    message = "this Idempotency-Key was used with a different file"
+
+
 class ServiceUnavailable(ApiError):
     status_code = 503
     code = "unavailable"

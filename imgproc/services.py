@@ -8,10 +8,11 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 from imgproc.config import Settings
-from imgproc.errors import NotFound, NotReady, RequestNotFound
+from imgproc.errors import IdempotencyConflict, NotFound, NotReady, RequestNotFound
 from imgproc.fetcher import Fetcher
 from imgproc.models import (
     FINISHED_PRODUCT,
@@ -83,11 +84,28 @@ class Services:
 
     # ---- upload ------------------------------------------------------------------------
 
-    def submit(self, parsed: ParsedCsv, options: UploadOptions, root: str) -> Created:
-        """Store a validated upload in full and wake the worker."""
+    def submit(
+        self,
+        parsed: ParsedCsv,
+        options: UploadOptions,
+        root: str,
+        *,
+        owner: str | None = None,
+        idempotency_key: str | None = None,
+        digest: str = "",
+    ) -> Created:
+        """Store a validated upload in full and wake the worker; with an Idempotency-Key
+        seen before (same owner, same file, within the window), the first request."""
         self.ensure_ready()
         now = self.store.clock()
         request_id = str(uuid.uuid4())
+        scoped_key = f"{owner or '-'}:{idempotency_key}" if idempotency_key else None
+        if scoped_key:
+            earlier = self.store.reserve_idempotency_key(
+                scoped_key, request_id, digest, timedelta(hours=self.settings.idempotency_hours)
+            )
+            if earlier is not None:
+                return self._replay(earlier, digest)
         quality = options.quality or self.settings.default_quality
         products = [
             {
@@ -135,8 +153,17 @@ class Services:
             "lease_owner": None,
             "lease_until": EPOCH,
             "claims": 0,
+            "owner": owner,
         }
-        self.store.create_request(request, products)
+        if scoped_key:
+            request["idempotency_key"] = scoped_key
+            request["file_digest"] = digest
+        try:
+            self.store.create_request(request, products)
+        except BaseException:
+            if scoped_key:
+                self.store.release_idempotency_key(scoped_key, request_id)
+            raise
         log.info(
             "request %s accepted: %d products, %d images",
             request_id,
@@ -146,11 +173,29 @@ class Services:
         self.worker.wake()
         return Created(request_id, RequestStatus.PENDING.value, len(products), parsed.image_count)
 
+    def _replay(self, earlier: Doc, digest: str) -> Created:
+        if earlier.get("digest") != digest:
+            raise IdempotencyConflict(
+                "this Idempotency-Key was used with a different file; use a new key"
+            )
+        request = self.store.get_request(earlier["request_id"])
+        if request is None:  # the first upload is still being stored
+            raise IdempotencyConflict(
+                "the first upload with this key is still being stored; retry in a moment"
+            )
+        return Created(
+            request["_id"],
+            request["status"],
+            request["products_total"],
+            request["images_total"],
+            new=False,
+        )
+
     # ---- reads -------------------------------------------------------------------------
 
-    def _request(self, request_id: str) -> Doc:
+    def _request(self, request_id: str, owner: str | None) -> Doc:
         request = self.store.get_request(request_id) if _valid_id(request_id) else None
-        if request is None:
+        if request is None or request.get("owner") != owner:  # another key's: not found
             raise RequestNotFound(f"no request with id {request_id!r}")
         return request
 
@@ -158,9 +203,11 @@ class Services:
         """The absolute URL root of a request's links."""
         return base_url(request, self.settings.public_url)
 
-    def status(self, request_id: str, offset: int, limit: int) -> dict[str, Any]:
+    def status(
+        self, request_id: str, offset: int, limit: int, owner: str | None = None
+    ) -> dict[str, Any]:
         """The status body of a request, one page of products."""
-        request = self._request(request_id)
+        request = self._request(request_id, owner)
         key = (request_id, offset, limit)
         version = request.get("version", 0)
         with self._cache_lock:
@@ -197,9 +244,9 @@ class Services:
         products.sort(key=lambda product: product["_id"])
         return products
 
-    def output_csv(self, request_id: str) -> Iterator[str]:
+    def output_csv(self, request_id: str, owner: str | None = None) -> Iterator[str]:
         """The output CSV of a finished request, streamed."""
-        request = self._request(request_id)
+        request = self._request(request_id, owner)
         if request["status"] not in TERMINAL_REQUEST:
             raise NotReady(
                 f"request {request_id} is {request['status']}; the output CSV is "

@@ -15,7 +15,7 @@ from typing import Any
 from pymongo import ASCENDING, DESCENDING, MongoClient, ReturnDocument, UpdateOne
 from pymongo.collection import Collection
 from pymongo.database import Database
-from pymongo.errors import ConnectionFailure, PyMongoError
+from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
 
 from imgproc.models import (
     TERMINAL_IMAGE,
@@ -83,6 +83,7 @@ class Store:
         self.clock = clock
         self.requests: Collection[Doc] = db["processing_requests"]
         self.products: Collection[Doc] = db["products"]
+        self.idempotency: Collection[Doc] = db["idempotency_keys"]
 
     # ---- set-up and health -------------------------------------------------------------
 
@@ -98,6 +99,9 @@ class Store:
             [("webhook.status", ASCENDING), ("webhook.next_attempt_at", ASCENDING)]
         )
         self.requests.create_index([("created_at", DESCENDING)])
+        self.requests.create_index([("idempotency_key", ASCENDING)], sparse=True)
+        # Expired keys are also ignored when met; the TTL index only keeps the collection small.
+        self.idempotency.create_index([("created_at", ASCENDING)], expireAfterSeconds=7 * 86400)
 
     def ping(self) -> bool:
         """True when the database answers."""
@@ -124,6 +128,32 @@ class Store:
             with contextlib.suppress(PyMongoError):  # the original error is the one to report
                 self.products.delete_many({"request_id": request["_id"]})
             raise
+
+    def reserve_idempotency_key(
+        self, key: str, request_id: str, digest: str, ttl: timedelta
+    ) -> Doc | None:
+        """Reserve ``key`` for a new request: None when reserved, else the live reservation.
+
+        The key is the document's ``_id``, so of two uploads racing with one key exactly
+        one wins; a reservation older than ``ttl`` is taken over atomically.
+        """
+        now = self.clock()
+        reservation = {"request_id": request_id, "digest": digest, "created_at": now}
+        try:
+            self.idempotency.insert_one({"_id": key, **reservation})
+            return None
+        except DuplicateKeyError:
+            pass
+        expired = self.idempotency.find_one_and_update(
+            {"_id": key, "created_at": {"$lt": now - ttl}}, {"$set": reservation}
+        )
+        if expired is not None:
+            return None
+        return self.idempotency.find_one({"_id": key})
+
+    def release_idempotency_key(self, key: str, request_id: str) -> None:
+        """Drop a reservation whose request could not be stored."""
+        self.idempotency.delete_one({"_id": key, "request_id": request_id})
 
     # ---- reads -------------------------------------------------------------------------
 

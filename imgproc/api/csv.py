@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from flask import Blueprint, Response, request, stream_with_context
 from marshmallow import ValidationError
 from werkzeug.datastructures import FileStorage
 
+from imgproc import auth
 from imgproc.api import services
 from imgproc.api.openapi import doc, error_responses, json_response
 from imgproc.config import human_bytes
@@ -52,15 +54,36 @@ def _read_upload(files: Any, max_bytes: int) -> bytes:
     return data
 
 
+def _idempotency_key() -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 255 or not key.isprintable():
+        raise InvalidField(
+            "invalid Idempotency-Key header",
+            [{"field": "Idempotency-Key", "message": "must be 1 to 255 printable characters"}],
+        )
+    return key
+
+
 @bp.post("/csv/upload")
 @bp.post("/upload/")
 @doc(
     summary="Upload a CSV of products and image URLs",
     tags=["requests"],
+    parameters=[
+        {
+            "name": "Idempotency-Key",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+        }
+    ],
     requestBody={"required": True, "content": {"multipart/form-data": {"schema": "UploadForm"}}},
     responses={
         "202": json_response("Accepted and queued", "Created"),
-        **error_responses("400", "413", "415", "500", "503"),
+        "200": json_response("Same Idempotency-Key and file: the first request", "Created"),
+        **error_responses("400", "401", "409", "413", "415", "500", "503"),
     },
 )
 def upload() -> tuple[dict[str, Any], int, dict[str, str]]:
@@ -79,7 +102,14 @@ def upload() -> tuple[dict[str, Any], int, dict[str, str]]:
     parsed = parse_csv(data, max_rows=settings.max_rows, max_urls_per_row=settings.max_urls_per_row)
     options = UploadOptions(form["quality"], form["output_format"], form["webhook_url"])
     root = (settings.public_url or request.host_url).rstrip("/")
-    created = svc.submit(parsed, options, root)
+    created = svc.submit(
+        parsed,
+        options,
+        root,
+        owner=auth.owner(),
+        idempotency_key=_idempotency_key(),
+        digest=hashlib.sha256(data).hexdigest(),
+    )
     status_url = f"{root}/csv/status/{created.request_id}"
     body = created_schema.dump({**created.__dict__, "status_url": status_url})
     return body, 202 if created.new else 200, {"Location": status_url}
@@ -104,7 +134,7 @@ def upload() -> tuple[dict[str, Any], int, dict[str, str]]:
     ],
     responses={
         "200": json_response("The request's status", "Status"),
-        **error_responses("400", "404", "500", "503"),
+        **error_responses("400", "401", "404", "500", "503"),
     },
 )
 def status(request_id: str) -> dict[str, Any]:
@@ -115,7 +145,7 @@ def status(request_id: str) -> dict[str, Any]:
         raise _field_errors(exc) from None
     # Built by reports.status_view in StatusSchema's shape (tests check every response
     # against the OpenAPI document); a second pass through marshmallow would only cost time.
-    return services().status(request_id, query["offset"], query["limit"])
+    return services().status(request_id, query["offset"], query["limit"], auth.owner())
 
 
 @bp.get("/csv/output/<request_id>")
@@ -127,12 +157,12 @@ def status(request_id: str) -> dict[str, Any]:
             "description": "Input columns plus Output Image Urls",
             "content": {"text/csv": {"schema": {"type": "string"}}},
         },
-        **error_responses("404", "409", "500", "503"),
+        **error_responses("401", "404", "409", "500", "503"),
     },
 )
 def output(request_id: str) -> Response:
     """The input's columns in order plus ``Output Image Urls``."""
-    lines = services().output_csv(request_id)
+    lines = services().output_csv(request_id, auth.owner())
     return Response(
         stream_with_context(lines),
         mimetype="text/csv",

@@ -67,6 +67,10 @@ def build_spec(app: Flask) -> dict[str, Any]:
         plugins=[MarshmallowPlugin()],
         info={"description": "Compress product images listed in a CSV."},
     )
+    spec.components.security_scheme(
+        "ApiKey", {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+    )
+    spec.components.security_scheme("Bearer", {"type": "http", "scheme": "bearer"})
     for name, schema in (
         ("Error", ErrorSchema),
         ("Created", CreatedSchema),
@@ -95,6 +99,9 @@ def build_spec(app: Flask) -> dict[str, Any]:
                 op_id += "_alias_" + re.sub(r"\W+", "_", path).strip("_")
             used_ids.add(op_id)
             op["operationId"] = op_id
+            if path != "/healthz" and not path.startswith("/images/"):
+                # Only when IMGPROC_API_KEYS is set; the empty requirement means "or none".
+                op["security"] = [{"ApiKey": []}, {"Bearer": []}, {}]
             op["parameters"] = parameters + list(op.get("parameters", []))
             operations[method.lower()] = op
         spec.path(path=path, operations=operations)

@@ -180,7 +180,7 @@ def validate(s: Settings) -> None:
     _check(0 <= s.worker_nice <= 19, "worker_nice", "must be 0-19", s.worker_nice)
     _check(s.max_rows < 10_000_000, "max_rows", "must be below 10,000,000", s.max_rows)
     _check(1 <= s.default_quality <= 95, "default_quality", "must be 1-95", s.default_quality)
-    _check(s.storage in ("local",), "storage", "must be 'local'", s.storage)
+    _check(s.storage in ("local", "gridfs"), "storage", "must be 'local' or 'gridfs'", s.storage)
     _check(
         s.mongodb_uri.startswith(("mongodb://", "mongodb+srv://")),
         "mongodb_uri",

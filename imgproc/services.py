@@ -26,7 +26,7 @@ from imgproc.models import (
     WebhookStatus,
 )
 from imgproc.reports import base_url, output_csv, status_view
-from imgproc.storage import LocalStorage, Storage, StoredFile
+from imgproc.storage import GridFSStorage, LocalStorage, Storage, StoredFile
 from imgproc.store import EPOCH, Doc, Store, connect, product_id
 from imgproc.webhooks import WebhookSender
 from imgproc.worker import Worker
@@ -52,7 +52,11 @@ class Services:
             settings.mongodb_uri, timeout_ms=settings.db_timeout_ms, pool_size=settings.workers + 16
         )
         self.store = Store(self.client[settings.db_name])
-        self.storage: Storage = LocalStorage(settings.images_dir)
+        self.storage: Storage = (
+            GridFSStorage(self.store)
+            if settings.storage == "gridfs"
+            else LocalStorage(settings.images_dir)
+        )
         self.fetcher = Fetcher(settings)
         self.webhooks = WebhookSender(settings)
         self.worker = Worker(settings, self.store, self.storage, self.fetcher, self.webhooks)

@@ -25,10 +25,12 @@ def valid_key(key: str) -> bool:
 
 @dataclass(frozen=True)
 class StoredFile:
-    """A stored image as the HTTP layer serves it."""
+    """A stored image as the HTTP layer serves it: a local file, or bytes with their ETag."""
 
-    path: str
     content_type: str
+    path: str | None = None
+    data: bytes | None = None
+    etag: str | None = None
 
 
 class Storage(Protocol):
@@ -70,4 +72,37 @@ class LocalStorage:
         path = os.path.join(self.root, key)
         if not os.path.isfile(path):
             return None
-        return StoredFile(path, CONTENT_TYPES[key.rsplit(".", 1)[1]])
+        return StoredFile(CONTENT_TYPES[key.rsplit(".", 1)[1]], path=path)
+
+
+class ImageBlobs(Protocol):
+    """What GridFSStorage needs from the database layer (``Store`` provides it)."""
+
+    def put_image(self, key: str, data: bytes) -> None:
+        """Store ``data`` under ``key``, replacing what was there."""
+
+    def get_image(self, key: str) -> tuple[bytes, str] | None:
+        """The bytes and their digest, or None."""
+
+
+class GridFSStorage:
+    """A GridFS bucket in the service's MongoDB, so every instance serves every image."""
+
+    def __init__(self, blobs: ImageBlobs) -> None:
+        self.blobs = blobs
+
+    def put(self, key: str, data: bytes) -> None:
+        """Store ``data`` under ``key``; earlier versions are removed."""
+        if not valid_key(key):
+            raise ValueError(f"bad storage key {key!r}")
+        self.blobs.put_image(key, data)
+
+    def get(self, key: str) -> StoredFile | None:
+        """The image for ``key`` if it exists."""
+        if not valid_key(key):
+            return None
+        found = self.blobs.get_image(key)
+        if found is None:
+            return None
+        data, digest = found
+        return StoredFile(CONTENT_TYPES[key.rsplit(".", 1)[1]], data=data, etag=digest)

@@ -7,11 +7,13 @@ processes racing for the same work can never both win.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import gridfs
 from pymongo import ASCENDING, DESCENDING, MongoClient, ReturnDocument, UpdateOne
 from pymongo.collection import Collection
 from pymongo.database import Database
@@ -84,6 +86,7 @@ class Store:
         self.requests: Collection[Doc] = db["processing_requests"]
         self.products: Collection[Doc] = db["products"]
         self.idempotency: Collection[Doc] = db["idempotency_keys"]
+        self.images = gridfs.GridFSBucket(db, bucket_name="images")
 
     # ---- set-up and health -------------------------------------------------------------
 
@@ -100,6 +103,7 @@ class Store:
         )
         self.requests.create_index([("created_at", DESCENDING)])
         self.requests.create_index([("idempotency_key", ASCENDING)], sparse=True)
+        self.db["images.files"].create_index([("filename", ASCENDING), ("uploadDate", ASCENDING)])
         # Expired keys are also ignored when met; the TTL index only keeps the collection small.
         self.idempotency.create_index([("created_at", ASCENDING)], expireAfterSeconds=7 * 86400)
 
@@ -154,6 +158,27 @@ class Store:
     def release_idempotency_key(self, key: str, request_id: str) -> None:
         """Drop a reservation whose request could not be stored."""
         self.idempotency.delete_one({"_id": key, "request_id": request_id})
+
+    # ---- GridFS images ------------------------------------------------------------------
+
+    def put_image(self, key: str, data: bytes) -> None:
+        """Store an output image under ``key``; older versions of it are deleted after."""
+        digest = hashlib.sha256(data).hexdigest()[:32]
+        new_id = self.images.upload_from_stream(key, data, metadata={"sha256": digest})
+        for old in self.db["images.files"].find(
+            {"filename": key, "_id": {"$ne": new_id}}, {"_id": 1}
+        ):
+            with contextlib.suppress(gridfs.errors.NoFile):
+                self.images.delete(old["_id"])
+
+    def get_image(self, key: str) -> tuple[bytes, str] | None:
+        """The newest version of the image stored under ``key`` and its digest."""
+        try:
+            stream = self.images.open_download_stream_by_name(key)
+        except gridfs.errors.NoFile:
+            return None
+        with stream:
+            return stream.read(), str((stream.metadata or {}).get("sha256", ""))
 
     # ---- reads -------------------------------------------------------------------------
 

@@ -128,7 +128,11 @@ def test_output_csv(client: FlaskClient, image_host: HTTPServer) -> None:
     assert len(rows) == 3
 
 
-def test_image_serving_headers(client: FlaskClient, image_host: HTTPServer) -> None:
+@pytest.mark.parametrize("storage", ["local", "gridfs"])
+def test_image_serving_headers(
+    make_app: Callable[..., Flask], image_host: HTTPServer, storage: str
+) -> None:
+    client = make_app(storage=storage).test_client()
     url = serve(image_host, "/a.jpg", make_image())
     request_id = upload(client, csv_bytes([(1, "A", [url])])).get_json()["request_id"]
     image_url = wait_terminal(client, request_id)["products"][0]["output_image_urls"][0]

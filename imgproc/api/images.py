@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, send_file
+from flask import Blueprint, Response, request, send_file
 
 from imgproc.api import services
 from imgproc.api.openapi import doc, error_responses
@@ -32,8 +32,14 @@ ONE_YEAR = 365 * 24 * 3600
 def image(key: str) -> Response:
     """The image bytes with Content-Type, ETag and a long Cache-Control."""
     stored = services().image(key)
-    response = send_file(
-        stored.path, mimetype=stored.content_type, conditional=True, etag=True, max_age=ONE_YEAR
-    )
+    if stored.path is not None:
+        response = send_file(
+            stored.path, mimetype=stored.content_type, conditional=True, etag=True, max_age=ONE_YEAR
+        )
+    else:
+        response = Response(stored.data, mimetype=stored.content_type)
+        response.set_etag(stored.etag or "")
+        response.cache_control.max_age = ONE_YEAR
+        response.make_conditional(request)
     response.cache_control.public = True
     return response

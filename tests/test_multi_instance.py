@@ -1,0 +1,133 @@
+"""Several instances, one database: two real gunicorn instances with GridFS storage share the
+work; SIGKILL one mid-batch and the other finishes it, serves every image, and the webhook
+fires one logical time."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from pytest_httpserver import HTTPServer
+from werkzeug import Request, Response
+
+from imgproc.storage import GridFSStorage
+from imgproc.store import Store
+from tests.conftest import TERMINAL, csv_bytes, make_image
+from tests.processes import start_gunicorn
+from tests.test_worker_recovery import service_env
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_instances_share_the_work_and_survive_a_kill(
+    image_host: HTTPServer,
+    webhook_receiver: HTTPServer,
+    mongo_uri: str,
+    db_name: str,
+    mongo: Any,
+    tmp_path: Path,
+) -> None:
+    image = make_image(300, 200)
+    lock = threading.Lock()
+    hits: Counter[str] = Counter()
+
+    def slow(request: Request) -> Response:
+        with lock:
+            hits[request.path] += 1
+        time.sleep(0.2)
+        return Response(image, content_type="image/jpeg")
+
+    for i in range(24):
+        image_host.expect_request(f"/m{i}.jpg").respond_with_handler(slow)
+    webhook_receiver.expect_request("/hook").respond_with_data("ok")
+    env = {
+        **service_env(mongo_uri, db_name, tmp_path / "data"),
+        "IMGPROC_STORAGE": "gridfs",
+        "IMGPROC_MAX_ACTIVE_REQUESTS": "1",
+        "IMGPROC_WEBHOOK_RETRY_DELAYS": "0.5",
+    }
+    first = start_gunicorn({**env, "IMGPROC_DATA_DIR": str(tmp_path / "a")}, tmp_path / "a.log")
+    second = start_gunicorn({**env, "IMGPROC_DATA_DIR": str(tmp_path / "b")}, tmp_path / "b.log")
+    try:
+        ids = []
+        for batch in range(2):
+            rows = [
+                (n + 1, f"B{batch}P{n}", [image_host.url_for(f"/m{batch * 12 + n}.jpg")])
+                for n in range(12)
+            ]
+            created = requests.post(
+                f"{first.url}/csv/upload",
+                files={"file": ("p.csv", csv_bytes(rows))},
+                data={"webhook_url": webhook_receiver.url_for("/hook")},
+                timeout=10,
+            )
+            assert created.status_code == 202
+            ids.append(created.json()["request_id"])
+
+        # Each instance takes one request (one at a time each): the work is shared.
+        deadline = time.monotonic() + 20
+        while True:
+            owners = {
+                r["lease_owner"]
+                for r in mongo.processing_requests.find({"_id": {"$in": ids}}, {"lease_owner": 1})
+            }
+            if None not in owners and len(owners) == 2:
+                break
+            assert time.monotonic() < deadline, f"not shared: {owners}"
+            time.sleep(0.05)
+        first.kill()  # mid-batch: its request must move to the other instance
+    finally:
+        first.stop()
+
+    try:
+        deadline = time.monotonic() + 60
+        bodies: list[dict[str, Any]] = []
+        for request_id in ids:
+            while True:
+                body = requests.get(f"{second.url}/csv/status/{request_id}", timeout=5).json()
+                if body["status"] in TERMINAL:
+                    bodies.append(body)
+                    break
+                assert time.monotonic() < deadline, body["progress"]
+                time.sleep(0.1)
+        for body in bodies:
+            assert body["status"] == "completed"
+            assert body["progress"]["images_done"] == 12
+            for url in (u for p in body["products"] for u in p["output_image_urls"]):
+                served = requests.get(url.replace(first.url, second.url), timeout=5)
+                assert served.status_code == 200  # from GridFS, whoever compressed it
+                assert served.headers["Content-Type"] == "image/jpeg"
+        assert all(hits[f"/m{i}.jpg"] >= 1 for i in range(24))
+        assert mongo["images.files"].count_documents({}) == 24  # redone images overwrote
+
+        deadline = time.monotonic() + 20
+        while True:
+            calls = [r for r, _ in webhook_receiver.log if r.path == "/hook"]
+            if len({c.headers["webhook-id"] for c in calls}) == 2:
+                break
+            assert time.monotonic() < deadline, calls
+            time.sleep(0.1)
+        time.sleep(1.0)
+        calls = [r for r, _ in webhook_receiver.log if r.path == "/hook"]
+        ids_seen = Counter(c.headers["webhook-id"] for c in calls)
+        assert set(ids_seen) == {f"msg_{i}" for i in ids}  # one logical event per request
+        assert all(n == 1 for n in ids_seen.values()), ids_seen
+    finally:
+        second.stop()
+
+
+def test_gridfs_overwrites_a_redone_image(mongo: Any) -> None:
+    storage = GridFSStorage(Store(mongo))
+    key = "0f8fad5b-d9cb-469f-a165-70867728950e/3-0.jpg"
+    storage.put(key, b"first")
+    storage.put(key, b"second")
+    stored = storage.get(key)
+    assert stored is not None and stored.data == b"second" and stored.etag
+    assert mongo["images.files"].count_documents({"filename": key}) == 1
+    assert storage.get("0f8fad5b-d9cb-469f-a165-70867728950e/4-0.jpg") is None
+    assert storage.get("../etc/passwd") is None

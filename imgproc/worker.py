@@ -226,6 +226,12 @@ class Worker:
                 return
             job = Job(request)
             with self._lock:
+                running = self._jobs.get(job.id)
+                if running is not None:
+                    # Our own lease ran out (say, during a database outage) and we took the
+                    # request again: the job still running keeps it; no second job.
+                    running.renewed_at = time.monotonic()
+                    continue
                 self._jobs[job.id] = job
             log.info("claimed request %s (%d images)", job.id, request.get("images_total", 0))
             threading.Thread(
@@ -442,32 +448,48 @@ class Worker:
                 delay = min(delay * 2, 5.0)
 
     def _flush(self, job: Job, outcomes: list[Outcome]) -> None:
-        """One write per touched product (outcomes + final status), one counter update."""
+        """One write per touched product (outcomes + final status), one counter update.
+
+        The job's own view of its products changes only once the writes have succeeded, so
+        a flush retried after a database error computes the same writes again (the
+        conditional updates make the repeat harmless).
+        """
         writes: dict[str, ProductWrite] = {}
+        after: dict[str, OpenProduct] = {}
         done = failed = finished = 0
         for outcome in outcomes:
             state = job.products.get(outcome.product_id)
+            if state is not None and outcome.product_id not in after:
+                after[outcome.product_id] = OpenProduct(set(state.open), state.failed)
+            future = after.get(outcome.product_id)
             write = writes.setdefault(outcome.product_id, ProductWrite(outcome.product_id))
             if outcome.index is not None and outcome.result is not None:
                 write.outcomes[outcome.index] = outcome.result
                 if outcome.result["status"] == ImageStatus.FAILED.value:
                     failed += 1
-                    if state:
-                        state.failed = True
+                    if future:
+                        future.failed = True
                 else:
                     done += 1
-                if state:
-                    state.open.discard(outcome.index)
-            if state and not state.open:
-                write.finished = ProductStatus.FAILED if state.failed else ProductStatus.PROCESSED
+                if future:
+                    future.open.discard(outcome.index)
+        for product_id, future in after.items():
+            if not future.open:
+                writes[product_id].finished = (
+                    ProductStatus.FAILED if future.failed else ProductStatus.PROCESSED
+                )
                 finished += 1
-                del job.products[outcome.product_id]
         useful = [w for w in writes.values() if w.outcomes or w.finished]
         written = self.store.record_outcomes(useful)
         if written == len(useful):
             self.store.add_progress(job.id, done=done, failed=failed, products=finished)
-        else:  # another process wrote some of these first: count from the products
+        else:  # written before (a retried flush, another process): count from the products
             self.store.set_counters(job.id, self.store.count_outcomes(job.id, job.total))
+        for product_id, future in after.items():
+            if future.open:
+                job.products[product_id] = future
+            else:
+                job.products.pop(product_id, None)
 
     def _finish(self, job: Job) -> None:
         counts = self.store.count_outcomes(job.id, job.total)

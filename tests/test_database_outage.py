@@ -1,0 +1,97 @@
+"""Database outage: stop the database server mid-batch for several seconds and start it again.
+Health and uploads answer a clean 503 meanwhile, the worker threads survive and resume, and
+the batch completes with nothing lost or doubled."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from pytest_httpserver import HTTPServer
+from werkzeug import Request, Response
+
+from imgproc import embedded_db
+from imgproc.embedded_db import free_port
+from tests.conftest import TERMINAL, csv_bytes, make_image
+from tests.processes import start_gunicorn
+from tests.test_worker_recovery import service_env
+
+pytestmark = pytest.mark.slow
+
+
+def test_batch_survives_a_database_outage(image_host: HTTPServer, tmp_path: Path) -> None:
+    port = free_port()
+    storage = str(tmp_path / "db")
+    database = embedded_db.start(storage, port=port, log_path=str(tmp_path / "db.log"))
+    image = make_image(300, 200)
+    lock = threading.Lock()
+    hits: Counter[str] = Counter()
+
+    def slow(request: Request) -> Response:
+        with lock:
+            hits[request.path] += 1
+        time.sleep(0.3)
+        return Response(image, content_type="image/jpeg")
+
+    for i in range(30):
+        image_host.expect_request(f"/o{i}.jpg").respond_with_handler(slow)
+    env = {
+        **service_env(database.uri, "outage", tmp_path / "data"),
+        "IMGPROC_LEASE_SECONDS": "30",
+        "IMGPROC_DB_TIMEOUT_MS": "1000",
+    }
+    service = start_gunicorn(env, tmp_path / "service.log")
+    try:
+        rows = [(n + 1, f"P{n}", [image_host.url_for(f"/o{n}.jpg")]) for n in range(30)]
+        created = requests.post(
+            f"{service.url}/csv/upload", files={"file": ("p.csv", csv_bytes(rows))}, timeout=10
+        )
+        request_id = created.json()["request_id"]
+        deadline = time.monotonic() + 30
+        while (
+            requests.get(f"{service.url}/csv/status/{request_id}", timeout=5).json()["progress"][
+                "images_done"
+            ]
+            < 4
+        ):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+        database.stop()  # the outage begins, mid-batch
+        outage_started = time.monotonic()
+        health = requests.get(f"{service.url}/healthz", timeout=10)
+        assert health.status_code == 503
+        assert health.json() == {"status": "error", "db": "down"}
+        upload = requests.post(
+            f"{service.url}/csv/upload", files={"file": ("p.csv", csv_bytes(rows[:1]))}, timeout=10
+        )
+        assert upload.status_code == 503
+        assert upload.json()["error"]["code"] == "unavailable"
+        status = requests.get(f"{service.url}/csv/status/{request_id}", timeout=10)
+        assert status.status_code == 503 and status.json()["error"]["code"] == "unavailable"
+        time.sleep(max(0.0, 8 - (time.monotonic() - outage_started)))
+
+        database = embedded_db.start(storage, port=port, log_path=str(tmp_path / "db2.log"))
+        deadline = time.monotonic() + 60
+        while True:
+            reply = requests.get(f"{service.url}/csv/status/{request_id}", timeout=10)
+            if reply.status_code == 200 and reply.json()["status"] in TERMINAL:
+                body: dict[str, Any] = reply.json()
+                break
+            assert time.monotonic() < deadline, reply.text[:300]
+            time.sleep(0.2)
+        assert body["status"] == "completed"
+        assert body["progress"]["images_done"] == 30  # nothing lost...
+        assert body["progress"]["images_failed"] == 0
+        assert body["progress"]["products_done"] == 30  # ...and nothing counted twice
+        assert all(1 <= hits[f"/o{n}.jpg"] <= 2 for n in range(30)), hits
+        assert requests.get(f"{service.url}/healthz", timeout=5).status_code == 200
+        assert service.process.poll() is None  # the service itself never went down
+    finally:
+        service.stop()
+        database.stop()

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8000
 
-.PHONY: run test bench bench-quality lint fmt typecheck check clean
+.PHONY: run test bench bench-quality bench-load lint fmt typecheck check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ test: $(VENV)/.dev-deps  ## the whole suite (own database server, image host, we
 
 bench: $(VENV)/.dev-deps  ## end-to-end throughput of a batch; prints a table and a JSON line
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
+
+bench-load: $(VENV)/.dev-deps  ## 20 concurrent uploads x 50 images while 50 status polls/s run for a minute
+	$(BIN)/python bench/load.py $(BENCH_ARGS)
 
 bench-quality: $(VENV)/.dev-deps  ## encoder settings: bytes, SSIM and time over real photographs
 	$(BIN)/python bench/quality.py $(BENCH_ARGS)

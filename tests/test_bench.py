@@ -32,3 +32,29 @@ def test_bench_runs_and_reports() -> None:
     assert figures["big_status"] == "completed" and figures["big_accept_s"] > 0
     assert figures["status_p99_ms"] >= figures["status_p50_ms"] > 0
     assert any(line.startswith("ratio ") for line in result.stdout.splitlines())
+
+
+def test_load_bench_runs_and_reports() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "bench/load.py",
+            "--uploads",
+            "3",
+            "--images",
+            "4",
+            "--duration",
+            "2",
+            "--polls-per-s",
+            "10",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["error_responses"] == 0
+    assert figures["completed"] == 3 and figures["images_done"] == 12
+    assert figures["status_polls"] > 0 and figures["status_p99_ms"] >= figures["status_p50_ms"]

@@ -131,6 +131,22 @@ def test_invalid_csv_stores_nothing(client: FlaskClient, mongo: Any) -> None:
             "webhook_url",
             "credentials in the URL are not allowed",
         ),
+        *[
+            (
+                {"webhook_url": url},
+                "webhook_url",
+                f"blocked address ({address}): webhooks go to public addresses only",
+            )
+            for url, address in [
+                ("http://2130706433/hook", "127.0.0.1"),
+                ("http://0x7f.1/hook", "127.0.0.1"),
+                ("http://[::1]/hook", "::1"),
+                ("http://[::ffff:10.0.0.1]/hook", "::ffff:a00:1"),
+                ("http://169.254.169.254/latest", "169.254.169.254"),
+                ("http://192.168.0.10/hook", "192.168.0.10"),
+                ("http://0.0.0.0/hook", "0.0.0.0"),
+            ]
+        ],
     ],
 )
 def test_invalid_fields(

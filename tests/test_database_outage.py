@@ -74,7 +74,7 @@ def test_batch_survives_a_database_outage(image_host: HTTPServer, tmp_path: Path
         assert upload.json()["error"]["code"] == "unavailable"
         status = requests.get(f"{service.url}/csv/status/{request_id}", timeout=10)
         assert status.status_code == 503 and status.json()["error"]["code"] == "unavailable"
-        time.sleep(max(0.0, 8 - (time.monotonic() - outage_started)))
+        time.sleep(max(0.0, 10 - (time.monotonic() - outage_started)))  # ~10 s down
 
         database = embedded_db.start(storage, port=port, log_path=str(tmp_path / "db2.log"))
         deadline = time.monotonic() + 60

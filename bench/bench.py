@@ -37,26 +37,16 @@ from pathlib import Path
 from typing import Any
 
 import requests
-import skimage
 from PIL import Image, ImageEnhance
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from photos import CATALOGUE_SET, photo  # noqa: E402
 
 from imgproc.embedded_db import free_port  # noqa: E402
 
-PHOTOS = [
-    "astronaut.png",
-    "chelsea.png",
-    "coffee.png",
-    "rocket.jpg",
-    "retina.jpg",
-    "hubble_deep_field.jpg",
-    "motorcycle_left.png",
-    "ihc.png",
-    "motorcycle_right.png",
-    "color.png",
-]
 WIDTHS = [2000, 1600, 1200, 1000, 800, 600]
 TARGETS = {"ratio": 0.85, "big_accept_s": 2.0, "status_p99_ms": 100.0, "app_peak_rss_mb": 400.0}
 
@@ -64,22 +54,20 @@ TARGETS = {"ratio": 0.85, "big_accept_s": 2.0, "status_p99_ms": 100.0, "app_peak
 def catalogue_images(count: int, seed: int = 7) -> list[bytes]:
     """``count`` distinct JPEGs (q90) from real photographs at catalogue sizes."""
     rng = random.Random(seed)
-    sources = [
-        Image.open(Path(skimage.__file__).parent / "data" / name).convert("RGB") for name in PHOTOS
-    ]
+    sources = [photo(name) for name in CATALOGUE_SET]
     images = []
     for index in range(count):
-        photo = sources[index % len(sources)]
+        source = sources[index % len(sources)]
         width = WIDTHS[(index // len(sources)) % len(WIDTHS)]
-        height = round(width * photo.height / photo.width)
+        height = round(width * source.height / source.width)
         crop = rng.uniform(0.0, 0.08)
         box = (
-            photo.width * crop,
-            photo.height * crop,
-            photo.width * (1 - crop / 2),
-            photo.height * (1 - crop / 2),
+            source.width * crop,
+            source.height * crop,
+            source.width * (1 - crop / 2),
+            source.height * (1 - crop / 2),
         )
-        variant = photo.resize((width, height), Image.Resampling.BICUBIC, box=box)
+        variant = source.resize((width, height), Image.Resampling.BICUBIC, box=box)
         variant = ImageEnhance.Brightness(variant).enhance(rng.uniform(0.9, 1.1))
         out = io.BytesIO()
         variant.save(out, "JPEG", quality=90)
@@ -267,6 +255,17 @@ def cpu_seconds(root_pid: int) -> dict[str, float]:
     own = os.times()
     used["bench"] = own.user + own.system
     return used
+
+
+def stop_service(service: subprocess.Popen[bytes], sampler: RssSampler) -> None:
+    """Stop sampling, then stop the service as Ctrl-C would (SIGKILL if it hangs)."""
+    sampler.stop.set()
+    sampler.join()
+    service.send_signal(signal.SIGTERM)
+    try:
+        service.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(service.pid, signal.SIGKILL)
 
 
 def csv_for(urls: list[str], per_row: int) -> bytes:
@@ -478,13 +477,7 @@ def main() -> int:
                     }
                 )
     finally:
-        sampler.stop.set()
-        sampler.join()
-        service.send_signal(signal.SIGTERM)
-        try:
-            service.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(service.pid, signal.SIGKILL)
+        stop_service(service, sampler)
 
     # The machine's speed drifts (a shared VM): the best of the runs before and after the
     # service is what the hardware allows, and the ratio against it is the conservative one.

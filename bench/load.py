@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -27,7 +24,14 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import ImageHost, RssSampler, catalogue_images, csv_for, start_service  # noqa: E402
+from bench import (  # noqa: E402
+    ImageHost,
+    RssSampler,
+    catalogue_images,
+    csv_for,
+    start_service,
+    stop_service,
+)
 
 TERMINAL = ("completed", "completed_with_errors", "failed")
 
@@ -124,13 +128,7 @@ def main() -> int:
                 for r in request_ids
             ]
     finally:
-        sampler.stop.set()
-        sampler.join()
-        service.send_signal(signal.SIGTERM)
-        try:
-            service.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(service.pid, signal.SIGKILL)
+        stop_service(service, sampler)
 
     peaks: dict[str, list[float]] = {}
     for role, peak in sampler.peaks.values():

@@ -20,26 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import skimage
 from PIL import Image
 from skimage.metrics import structural_similarity
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from photos import FIDELITY_SET, photo  # noqa: E402
 
 from imgproc.codec import compress  # noqa: E402
 from imgproc.models import OutputFormat  # noqa: E402
-
-PHOTOS = [
-    "astronaut.png",
-    "chelsea.png",
-    "coffee.png",
-    "rocket.jpg",
-    "retina.jpg",
-    "hubble_deep_field.jpg",
-    "motorcycle_left.png",
-    "ihc.png",
-]
 
 JPEG = [
     ("plain save(quality=50)", {"quality": 50}),
@@ -63,8 +54,8 @@ WEBP = [(f"webp q50 method {m}", {"quality": 50, "method": m}) for m in (0, 4, 6
 
 def load_inputs() -> list[tuple[str, bytes, np.ndarray]]:
     inputs = []
-    for name in PHOTOS:
-        image = Image.open(Path(skimage.__file__).parent / "data" / name).convert("RGB")
+    for name in FIDELITY_SET:
+        image = photo(name)
         out = io.BytesIO()
         image.save(out, "JPEG", quality=92)
         data = out.getvalue()
@@ -136,7 +127,7 @@ def main() -> int:
                 ),
             )
         )
-    print(f"{len(inputs)} photographs ({', '.join(PHOTOS)}), inputs saved at JPEG q92\n")
+    print(f"{len(inputs)} photographs ({', '.join(FIDELITY_SET)}), inputs saved at JPEG q92\n")
     print("| setting | bytes vs input | SSIM | decode+encode ms/Mpx |")
     print("|---|---|---|---|")
     for label, r in rows:

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,6 +19,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from PIL import Image, ImageDraw
 from pytest_httpserver import HTTPServer
+from werkzeug import Request, Response
 
 from imgproc import create_app, embedded_db
 
@@ -197,3 +200,22 @@ def get_closed(client: FlaskClient, url: str, **kwargs: Any) -> Any:
     response.get_data()
     response.close()
     return response
+
+
+def serve_slowly(
+    host: HTTPServer, paths: list[str], delay: float, image: bytes | None = None
+) -> Counter[str]:
+    """Serve a JPEG at each path after ``delay`` seconds; the live count of hits per path."""
+    data = image if image is not None else make_image(300, 200)
+    hits: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    def slow(request: Request) -> Response:
+        with lock:
+            hits[request.path] += 1
+        time.sleep(delay)
+        return Response(data, content_type="image/jpeg")
+
+    for path in paths:
+        host.expect_request(path).respond_with_handler(slow)
+    return hits

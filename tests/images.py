@@ -44,6 +44,11 @@ def oriented_jpeg(orientation: int, **options: Any) -> bytes:
     return save(stored, "JPEG", quality=95, exif=exif, **options)
 
 
+def _desc(text: bytes) -> bytes:
+    """An ICC v2 textDescriptionType tag: ASCII text, empty Unicode and ScriptCode parts."""
+    return b"desc" + b"\0" * 4 + struct.pack(">I", len(text) + 1) + text + b"\0" + b"\0" * 78
+
+
 def _s15(value: float) -> bytes:
     return struct.pack(">i", round(value * 65536))
 
@@ -67,16 +72,7 @@ def cmyk_profile_to_lab(lab: tuple[float, float, float]) -> bytes:
         + ramp * 3
     )
     text = b"test CMYK"
-    desc = (
-        b"desc"
-        + b"\0" * 4
-        + struct.pack(">I", len(text) + 1)
-        + text
-        + b"\0"
-        + b"\0" * 8
-        + b"\0" * 3
-        + b"\0" * 67
-    )
+    desc = _desc(text)
     wtpt = b"XYZ " + b"\0" * 4 + _s15(0.9642) + _s15(1.0) + _s15(0.8249)
     cprt = b"text" + b"\0" * 4 + b"none\0"
     tags = [(b"desc", desc), (b"wtpt", wtpt), (b"cprt", cprt), (b"A2B0", lut)]
@@ -131,16 +127,7 @@ def _pattern_png(width: int, height: int) -> bytes:
 def rgb_profile(description: str = "Test Wide RGB") -> bytes:
     """A valid ICC v2 RGB display profile (matrix/TRC, P3-like primaries) that is not sRGB."""
     text = description.encode()
-    desc = (
-        b"desc"
-        + b"\0" * 4
-        + struct.pack(">I", len(text) + 1)
-        + text
-        + b"\0"
-        + b"\0" * 8
-        + b"\0" * 3
-        + b"\0" * 67
-    )
+    desc = _desc(text)
 
     def xyz(x: float, y: float, z: float) -> bytes:
         return b"XYZ " + b"\0" * 4 + _s15(x) + _s15(y) + _s15(z)

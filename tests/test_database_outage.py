@@ -4,20 +4,17 @@ the batch completes with nothing lost or doubled."""
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 from pytest_httpserver import HTTPServer
-from werkzeug import Request, Response
 
 from imgproc import embedded_db
 from imgproc.embedded_db import free_port
-from tests.conftest import TERMINAL, csv_bytes, make_image
+from tests.conftest import TERMINAL, csv_bytes, serve_slowly
 from tests.processes import start_gunicorn
 from tests.test_worker_recovery import service_env
 
@@ -28,18 +25,7 @@ def test_batch_survives_a_database_outage(image_host: HTTPServer, tmp_path: Path
     port = free_port()
     storage = str(tmp_path / "db")
     database = embedded_db.start(storage, port=port, log_path=str(tmp_path / "db.log"))
-    image = make_image(300, 200)
-    lock = threading.Lock()
-    hits: Counter[str] = Counter()
-
-    def slow(request: Request) -> Response:
-        with lock:
-            hits[request.path] += 1
-        time.sleep(0.3)
-        return Response(image, content_type="image/jpeg")
-
-    for i in range(30):
-        image_host.expect_request(f"/o{i}.jpg").respond_with_handler(slow)
+    hits = serve_slowly(image_host, [f"/o{i}.jpg" for i in range(30)], 0.3)
     env = {
         **service_env(database.uri, "outage", tmp_path / "data"),
         "IMGPROC_LEASE_SECONDS": "30",

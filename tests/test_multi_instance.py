@@ -4,7 +4,6 @@ fires one logical time."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -13,11 +12,10 @@ from typing import Any
 import pytest
 import requests
 from pytest_httpserver import HTTPServer
-from werkzeug import Request, Response
 
 from imgproc.storage import GridFSStorage
 from imgproc.store import Store
-from tests.conftest import TERMINAL, csv_bytes, make_image
+from tests.conftest import TERMINAL, csv_bytes, serve_slowly
 from tests.processes import start_gunicorn
 from tests.test_worker_recovery import service_env
 
@@ -32,18 +30,7 @@ def test_two_instances_share_the_work_and_survive_a_kill(
     mongo: Any,
     tmp_path: Path,
 ) -> None:
-    image = make_image(300, 200)
-    lock = threading.Lock()
-    hits: Counter[str] = Counter()
-
-    def slow(request: Request) -> Response:
-        with lock:
-            hits[request.path] += 1
-        time.sleep(0.2)
-        return Response(image, content_type="image/jpeg")
-
-    for i in range(24):
-        image_host.expect_request(f"/m{i}.jpg").respond_with_handler(slow)
+    hits = serve_slowly(image_host, [f"/m{i}.jpg" for i in range(24)], 0.2)
     webhook_receiver.expect_request("/hook").respond_with_data("ok")
     env = {
         **service_env(mongo_uri, db_name, tmp_path / "data"),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import requests
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
-from tests.conftest import TERMINAL, csv_bytes, make_image
+from tests.conftest import TERMINAL, csv_bytes, make_image, serve_slowly
 from tests.processes import start_gunicorn
 
 pytestmark = pytest.mark.slow
@@ -36,19 +35,8 @@ def service_env(mongo_uri: str, db_name: str, data_dir: Path) -> dict[str, str]:
 def test_sigkill_mid_batch_then_restart(
     image_host: HTTPServer, mongo_uri: str, db_name: str, mongo: Any, tmp_path: Path
 ) -> None:
-    hits: Counter[str] = Counter()
-    lock = threading.Lock()
-    image = make_image(400, 300)
-
-    def slow_image(request: Request) -> Response:
-        with lock:
-            hits[request.path] += 1
-        time.sleep(0.25)
-        return Response(image, content_type="image/jpeg")
-
     paths = [f"/r{i}.jpg" for i in range(24)]
-    for path in paths:
-        image_host.expect_request(path).respond_with_handler(slow_image)
+    hits = serve_slowly(image_host, paths, 0.25, make_image(400, 300))
     rows = [
         (n + 1, f"P{n}", [image_host.url_for(p) for p in paths[n * 3 : n * 3 + 3]])
         for n in range(8)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
 
 
 class RequestStatus(StrEnum):
@@ -113,4 +112,3 @@ class Created:
     products: int
     images: int
     new: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)

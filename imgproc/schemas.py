@@ -290,8 +290,5 @@ class UploadFormDocSchema(Schema):
 
 
 created_schema = CreatedSchema()
-status_schema = StatusSchema()
 status_query_schema = StatusQuerySchema()
-webhook_payload_schema = WebhookPayloadSchema()
-error_schema = ErrorSchema()
 health_schema = HealthSchema()

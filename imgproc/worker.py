@@ -177,12 +177,6 @@ class Worker:
         self._executor.shutdown(wait=False, cancel_futures=True)
         log.info("worker %s stopped", self.owner)
 
-    @property
-    def active_requests(self) -> list[str]:
-        """Ids of the requests this process is working on."""
-        with self._lock:
-            return list(self._jobs)
-
     # ---- dispatcher --------------------------------------------------------------------
 
     def _dispatch_loop(self) -> None:
@@ -333,10 +327,7 @@ class Worker:
             if self._halted(job):
                 return
             images = product["images"]
-            todo = [i for i, im in enumerate(images) if im["status"] not in TERMINAL_IMAGE]
-            job.products[product["_id"]] = OpenProduct(
-                set(todo), any(im["status"] == ImageStatus.FAILED for im in images)
-            )
+            todo = self._track(job, product)
             if product.get("attempts", 0) >= max_attempts:
                 outcomes = [
                     Outcome(
@@ -358,6 +349,15 @@ class Worker:
                 outcomes = [job.outcomes.get() for _ in todo]
             self._flush_with_retry(job, outcomes or [Outcome(product["_id"], None, None)])
 
+    @staticmethod
+    def _track(job: Job, product: Doc) -> list[int]:
+        """Register a product with its job; the indexes of its unfinished images."""
+        images = product["images"]
+        todo = [i for i, image in enumerate(images) if image["status"] not in TERMINAL_IMAGE]
+        failed = any(image["status"] == ImageStatus.FAILED for image in images)
+        job.products[product["_id"]] = OpenProduct(set(todo), failed)
+        return todo
+
     def _task_done(self, job: Job) -> Callable[[Future[None]], None]:
         def done(future: Future[None]) -> None:
             job.futures.discard(future)
@@ -376,9 +376,7 @@ class Worker:
                 self.store.mark_fed(job.id, products[-1]["row"] + 1)
             for product in products:
                 images = product["images"]
-                todo = [i for i, im in enumerate(images) if im["status"] not in TERMINAL_IMAGE]
-                failed = any(image["status"] == ImageStatus.FAILED for image in images)
-                job.products[product["_id"]] = OpenProduct(set(todo), failed)
+                todo = self._track(job, product)
                 if not todo:  # all images written, the product not: a crash in between
                     job.outcomes.put(Outcome(product["_id"], None, None))
                     job.in_flight += 1

@@ -9,10 +9,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import requests
 
 from imgproc.embedded_db import free_port
+from imgproc.models import TERMINAL_REQUEST
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,3 +88,16 @@ def start_gunicorn(env: dict[str, str], log: Path) -> Service:
     """gunicorn with the project's config, as ``make run`` serves the app."""
     args = [sys.executable, "-m", "gunicorn", "-c", "python:imgproc.gunicorn_conf", "wsgi:app"]
     return start_process(args, env, log, free_port())
+
+
+def wait_terminal_http(url: str, request_id: str, timeout: float = 60) -> dict[str, Any]:
+    """Poll a running service's status until the request is terminal (a non-200 answer, as
+    during a database outage, is polled past); fail the test at the timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        reply = requests.get(f"{url}/csv/status/{request_id}", timeout=10)
+        if reply.status_code == 200 and reply.json()["status"] in TERMINAL_REQUEST:
+            body: dict[str, Any] = reply.json()
+            return body
+        assert time.monotonic() < deadline, f"{request_id} not terminal: {reply.text[:300]}"
+        time.sleep(0.1)

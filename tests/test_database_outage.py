@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import requests
@@ -14,8 +13,8 @@ from pytest_httpserver import HTTPServer
 
 from imgproc import embedded_db
 from imgproc.embedded_db import free_port
-from tests.conftest import TERMINAL, csv_bytes, serve_slowly
-from tests.processes import start_gunicorn
+from tests.conftest import csv_bytes, serve_slowly
+from tests.processes import start_gunicorn, wait_terminal_http
 from tests.test_worker_recovery import service_env
 
 pytestmark = pytest.mark.slow
@@ -63,14 +62,7 @@ def test_batch_survives_a_database_outage(image_host: HTTPServer, tmp_path: Path
         time.sleep(max(0.0, 10 - (time.monotonic() - outage_started)))  # ~10 s down
 
         database = embedded_db.start(storage, port=port, log_path=str(tmp_path / "db2.log"))
-        deadline = time.monotonic() + 60
-        while True:
-            reply = requests.get(f"{service.url}/csv/status/{request_id}", timeout=10)
-            if reply.status_code == 200 and reply.json()["status"] in TERMINAL:
-                body: dict[str, Any] = reply.json()
-                break
-            assert time.monotonic() < deadline, reply.text[:300]
-            time.sleep(0.2)
+        body = wait_terminal_http(service.url, request_id, timeout=60)
         assert body["status"] == "completed"
         assert body["progress"]["images_done"] == 30  # nothing lost...
         assert body["progress"]["images_failed"] == 0

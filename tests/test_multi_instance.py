@@ -15,8 +15,8 @@ from pytest_httpserver import HTTPServer
 
 from imgproc.storage import GridFSStorage
 from imgproc.store import Store
-from tests.conftest import TERMINAL, csv_bytes, serve_slowly
-from tests.processes import start_gunicorn
+from tests.conftest import csv_bytes, serve_slowly
+from tests.processes import start_gunicorn, wait_terminal_http
 from tests.test_worker_recovery import service_env
 
 pytestmark = pytest.mark.slow
@@ -72,16 +72,7 @@ def test_two_instances_share_the_work_and_survive_a_kill(
         first.stop()
 
     try:
-        deadline = time.monotonic() + 60
-        bodies: list[dict[str, Any]] = []
-        for request_id in ids:
-            while True:
-                body = requests.get(f"{second.url}/csv/status/{request_id}", timeout=5).json()
-                if body["status"] in TERMINAL:
-                    bodies.append(body)
-                    break
-                assert time.monotonic() < deadline, body["progress"]
-                time.sleep(0.1)
+        bodies = [wait_terminal_http(second.url, request_id, timeout=60) for request_id in ids]
         for body in bodies:
             assert body["status"] == "completed"
             assert body["progress"]["images_done"] == 12

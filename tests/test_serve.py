@@ -17,8 +17,8 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from imgproc.embedded_db import free_port
-from tests.conftest import TERMINAL, csv_bytes, make_image, serve
-from tests.processes import start_gunicorn, start_process
+from tests.conftest import csv_bytes, make_image, serve
+from tests.processes import start_gunicorn, start_process, wait_terminal_http
 from tests.test_worker_recovery import service_env
 
 pytestmark = pytest.mark.slow
@@ -27,16 +27,6 @@ pytestmark = pytest.mark.slow
 def port_open(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def wait_terminal_http(url: str, request_id: str, timeout: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        body: dict[str, Any] = requests.get(f"{url}/csv/status/{request_id}", timeout=5).json()
-        if body["status"] in TERMINAL:
-            return body
-        assert time.monotonic() < deadline, body["progress"]
-        time.sleep(0.1)
 
 
 def test_serve_starts_the_embedded_database_and_stops_everything(

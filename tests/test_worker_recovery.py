@@ -13,8 +13,8 @@ import requests
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
-from tests.conftest import TERMINAL, csv_bytes, make_image, serve_slowly
-from tests.processes import start_gunicorn
+from tests.conftest import csv_bytes, make_image, serve_slowly
+from tests.processes import start_gunicorn, wait_terminal_http
 
 pytestmark = pytest.mark.slow
 
@@ -74,13 +74,7 @@ def test_sigkill_mid_batch_then_restart(
 
     second = start_gunicorn(env, tmp_path / "second.log")
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            body = requests.get(f"{second.url}/csv/status/{request_id}", timeout=5).json()
-            if body["status"] in TERMINAL:
-                break
-            assert time.monotonic() < deadline, f"not finished after restart: {body['progress']}"
-            time.sleep(0.1)
+        body = wait_terminal_http(second.url, request_id, timeout=60)
 
         assert body["status"] == "completed"
         assert body["progress"]["images_done"] == 24
@@ -148,13 +142,7 @@ def test_an_image_that_kills_its_process_every_time_is_given_up(
 
     last = start_gunicorn(env, tmp_path / "last.log")
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            body = requests.get(f"{last.url}/csv/status/{request_id}", timeout=5).json()
-            if body["status"] in TERMINAL:
-                break
-            assert time.monotonic() < deadline, body["progress"]
-            time.sleep(0.1)
+        body = wait_terminal_http(last.url, request_id, timeout=30)
         poison, fine = body["products"]
         assert poison["images"][0]["status"] == "failed"
         assert poison["images"][0]["error"] == "gave up after 3 attempts"

@@ -101,6 +101,19 @@ def links(request: Doc, root: str) -> Doc:
     }
 
 
+def request_summary(request: Doc, root: str) -> Doc:
+    """One line of GET /csv/requests."""
+    return {
+        "request_id": request["_id"],
+        "status": request["status"],
+        "created_at": iso(request["created_at"]),
+        "updated_at": iso(request["updated_at"]),
+        "completed_at": iso(request.get("completed_at")),
+        "progress": progress(request),
+        **links(request, root),
+    }
+
+
 def status_view(request: Doc, products: list[Doc], root: str, offset: int, limit: int) -> Doc:
     """The body of GET /csv/status/<id>."""
     fed = int(request.get("fed_rows", 0)) if request["status"] == "processing" else 0

@@ -265,6 +265,30 @@ class StatusQuerySchema(Schema):
     limit = fields.Integer(load_default=1000, validate=validate.Range(min=1, max=1000))
 
 
+class RequestsQuerySchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=200))
+    before = fields.String(load_default=None, validate=validate.Length(min=1, max=200))
+
+
+class RequestSummarySchema(Schema):
+    request_id = fields.String(required=True)
+    status = fields.String(required=True, **_enum(RequestStatus))
+    created_at = fields.String(required=True)
+    updated_at = fields.String(required=True)
+    completed_at = fields.String(allow_none=True, required=True)
+    progress = fields.Nested(ProgressSchema, required=True)
+    status_url = fields.String(required=True)
+    output_csv_url = fields.String(required=True)
+
+
+class RequestListSchema(Schema):
+    requests = fields.List(fields.Nested(RequestSummarySchema), required=True)
+    next = fields.String(allow_none=True, required=True)
+
+
 class WebhookPayloadSchema(Schema):
     type = fields.String(required=True, metadata={"enum": ["request.completed"]})
     request_id = fields.String(required=True)
@@ -291,4 +315,5 @@ class UploadFormDocSchema(Schema):
 
 created_schema = CreatedSchema()
 status_query_schema = StatusQuerySchema()
+requests_query_schema = RequestsQuerySchema()
 health_schema = HealthSchema()

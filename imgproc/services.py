@@ -3,16 +3,23 @@ sender and worker; the views call its methods, the worker threads get its parts.
 
 from __future__ import annotations
 
+import base64
 import logging
 import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from imgproc.config import Settings
-from imgproc.errors import IdempotencyConflict, NotFound, NotReady, RequestNotFound
+from imgproc.errors import (
+    IdempotencyConflict,
+    InvalidField,
+    NotFound,
+    NotReady,
+    RequestNotFound,
+)
 from imgproc.fetcher import Fetcher
 from imgproc.models import (
     FINISHED_PRODUCT,
@@ -25,7 +32,7 @@ from imgproc.models import (
     UploadOptions,
     WebhookStatus,
 )
-from imgproc.reports import base_url, output_csv, status_view
+from imgproc.reports import base_url, output_csv, request_summary, status_view
 from imgproc.storage import GridFSStorage, LocalStorage, Storage, StoredFile
 from imgproc.store import EPOCH, Doc, Store, connect, product_id
 from imgproc.webhooks import WebhookSender
@@ -41,6 +48,30 @@ def _valid_id(request_id: str) -> bool:
         return str(uuid.UUID(request_id, version=4)) == request_id
     except ValueError:
         return False
+
+
+def _encode_cursor(request: Doc) -> str:
+    millis = int(request["created_at"].timestamp() * 1000)
+    raw = f"{millis}:{request['_id']}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str | None) -> tuple[datetime, str] | None:
+    """The (created_at, id) a ``before`` cursor points below; a bad one is a 400."""
+    if cursor is None:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        millis, request_id = raw.split(":", 1)
+        created = datetime.fromtimestamp(int(millis) / 1000, UTC)
+    except (ValueError, UnicodeDecodeError, OverflowError, OSError):
+        created, request_id = EPOCH, ""
+    if not _valid_id(request_id):
+        raise InvalidField(
+            "invalid query parameter: before",
+            [{"field": "before", "message": "not a cursor from this API's `next`"}],
+        )
+    return created, request_id
 
 
 class Services:
@@ -228,6 +259,17 @@ class Services:
             while len(self._pages) > STATUS_PAGES_CACHED:
                 self._pages.popitem(last=False)
         return body
+
+    def recent(self, owner: str | None, limit: int, before: str | None = None) -> dict[str, Any]:
+        """One page of the owner's requests, newest first, and the cursor of the next page."""
+        self.ensure_ready()
+        found = self.store.recent_requests(owner, limit + 1, _decode_cursor(before))
+        page = found[:limit]
+        more = len(found) > limit
+        return {
+            "requests": [request_summary(r, self.root(r)) for r in page],
+            "next": _encode_cursor(page[-1]) if more else None,
+        }
 
     def _products(self, request_id: str, start: int, stop: int) -> list[Doc]:
         """Products of rows [start, stop): finished ones from this process's cache (they

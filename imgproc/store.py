@@ -102,6 +102,9 @@ class Store:
             [("webhook.status", ASCENDING), ("webhook.next_attempt_at", ASCENDING)]
         )
         self.requests.create_index([("created_at", DESCENDING)])
+        self.requests.create_index(
+            [("owner", ASCENDING), ("created_at", DESCENDING), ("_id", DESCENDING)]
+        )
         self.requests.create_index([("idempotency_key", ASCENDING)], sparse=True)
         self.db["images.files"].create_index([("filename", ASCENDING), ("uploadDate", ASCENDING)])
         # Expired keys are also ignored when met; the TTL index only keeps the collection small.
@@ -185,6 +188,21 @@ class Store:
     def get_request(self, request_id: str) -> Doc | None:
         """The request document, or None."""
         return self.requests.find_one({"_id": request_id})
+
+    def recent_requests(
+        self, owner: str | None, limit: int, before: tuple[datetime, str] | None = None
+    ) -> list[Doc]:
+        """One key's requests, newest first (ties by id), strictly older than ``before``."""
+        query: Doc = {"owner": owner}
+        if before is not None:
+            created, request_id = before
+            query["$or"] = [
+                {"created_at": {"$lt": created}},
+                {"created_at": created, "_id": {"$lt": request_id}},
+            ]
+        projection = {"header": 0, "roles": 0}
+        cursor = self.requests.find(query, projection)
+        return list(cursor.sort([("created_at", DESCENDING), ("_id", DESCENDING)]).limit(limit))
 
     def products_in_rows(
         self,

@@ -43,6 +43,7 @@ def test_every_endpoint_but_health_and_images_needs_a_key(keyed: FlaskClient) ->
         ("post", "/csv/upload"),
         ("get", "/csv/status/x"),
         ("get", "/csv/output/x"),
+        ("get", "/csv/requests"),
         ("get", "/openapi.json"),
         ("get", "/status/x"),
         ("post", "/upload/"),
@@ -69,6 +70,9 @@ def test_a_key_sees_only_its_own_requests(keyed: FlaskClient, mongo: Any) -> Non
     assert_error(keyed.get(f"/csv/output/{request_id}", headers=as_(BOB)), 404, "not_found")
     stored = mongo.processing_requests.find_one({"_id": request_id})
     assert ALICE not in str(stored)  # a digest of the key, never the key
+    listed = keyed.get("/csv/requests", headers=as_(ALICE)).get_json()["requests"]
+    assert [r["request_id"] for r in listed] == [request_id]
+    assert keyed.get("/csv/requests", headers=as_(BOB)).get_json() == {"requests": [], "next": None}
 
 
 def test_same_key_same_file_returns_the_first_request(client: FlaskClient, mongo: Any) -> None:

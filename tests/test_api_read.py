@@ -201,3 +201,35 @@ def test_healthz_and_upload_when_the_database_is_down(make_app: Callable[..., Fl
     error = assert_error(upload(client, rows), 503, "unavailable")
     assert "database" in error["message"]
     assert_error(client.get(f"/csv/status/{uuid.uuid4()}"), 503, "unavailable")
+
+
+def test_recent_requests_newest_first_in_pages(idle_client: FlaskClient) -> None:
+    ids = [
+        upload(idle_client, csv_bytes([(1, f"SKU{n}", [f"https://a.example/{n}.jpg"])])).get_json()[
+            "request_id"
+        ]
+        for n in range(5)
+    ]
+    first = idle_client.get("/csv/requests?limit=2").get_json()
+    assert [r["request_id"] for r in first["requests"]] == ids[::-1][:2]
+    line = first["requests"][0]
+    assert line["status"] == "pending" and line["completed_at"] is None
+    assert line["created_at"].endswith("Z")
+    assert line["progress"]["images_total"] == 1
+    assert line["status_url"] == f"http://localhost/csv/status/{ids[-1]}"
+    seen = [r["request_id"] for r in first["requests"]]
+    cursor = first["next"]
+    while cursor:
+        page = idle_client.get(f"/csv/requests?limit=2&before={cursor}").get_json()
+        seen += [r["request_id"] for r in page["requests"]]
+        cursor = page["next"]
+    assert seen == ids[::-1]  # every request once, newest first, across pages
+    assert idle_client.get("/csv/requests").get_json()["next"] is None  # default 50 > 5
+
+
+@pytest.mark.parametrize(
+    "query", ["limit=0", "limit=201", "limit=x", "before=nonsense", "before=MTIzOmFiYw"]
+)
+def test_recent_requests_bad_query(idle_client: FlaskClient, query: str) -> None:
+    error = assert_error(idle_client.get(f"/csv/requests?{query}"), 400, "invalid_field")
+    assert error["details"][0]["field"] in ("limit", "before")

@@ -58,3 +58,4 @@ def test_real_responses_match_the_document(client: FlaskClient, image_host: HTTP
     check(spec, "Error", client.get("/csv/status/nope").get_json())
     check(spec, "Error", upload(client, b"bad").get_json())
     check(spec, "Health", client.get("/healthz").get_json())
+    check(spec, "RequestList", client.get("/csv/requests").get_json())

@@ -25,6 +25,7 @@ from imgproc.models import UploadOptions
 from imgproc.schemas import (
     UploadFormSchema,
     created_schema,
+    requests_query_schema,
     status_query_schema,
 )
 
@@ -146,6 +147,37 @@ def status(request_id: str) -> dict[str, Any]:
     # Built by reports.status_view in StatusSchema's shape (tests check every response
     # against the OpenAPI document); a second pass through marshmallow would only cost time.
     return services().status(request_id, query["offset"], query["limit"], auth.owner())
+
+
+@bp.get("/csv/requests")
+@doc(
+    summary="Recent requests, newest first",
+    tags=["requests"],
+    parameters=[
+        {
+            "name": "limit",
+            "in": "query",
+            "schema": {"type": "integer", "minimum": 1, "maximum": 200, "default": 50},
+        },
+        {
+            "name": "before",
+            "in": "query",
+            "description": "the `next` cursor of the previous page",
+            "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+        },
+    ],
+    responses={
+        "200": json_response("One page of requests", "RequestList"),
+        **error_responses("400", "401", "500", "503"),
+    },
+)
+def recent() -> dict[str, Any]:
+    """The caller's requests, newest first, with a cursor to the next page."""
+    try:
+        query = requests_query_schema.load(request.args)
+    except ValidationError as exc:
+        raise _field_errors(exc) from None
+    return services().recent(auth.owner(), query["limit"], query["before"])
 
 
 @bp.get("/csv/output/<request_id>")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,23 +16,21 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     ``config`` overrides settings by field name (tests pass one). The background worker
     starts here when ``start_worker`` is true; importing this package starts nothing.
     """
-    from imgproc import auth
-    from imgproc.api import csv, images, ops
+    from imgproc import auth, logs
+    from imgproc.api import csv, images, observe, ops
     from imgproc.config import load_settings
     from imgproc.errors import register_error_handlers
     from imgproc.services import Services
 
     settings = load_settings(config)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(threadName)s: %(message)s",
-    )
+    logs.configure(settings.log_level, secrets=settings.secrets())
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + 1024 * 1024  # form overhead
     app.json.sort_keys = False  # type: ignore[attr-defined]
     services = Services(settings)
     app.extensions["imgproc"] = services
     register_error_handlers(app)
+    observe.install(app)
     auth.install(app, settings.api_keys)
     for blueprint in (csv.bp, images.bp, ops.bp):
         app.register_blueprint(blueprint)

@@ -68,6 +68,13 @@ class Settings:
     status_cache_products: int = 20_000
     log_level: str = "INFO"
 
+    def secrets(self) -> tuple[str, ...]:
+        """Values that must never appear in a log line."""
+        found = list(self.api_keys)
+        if self.webhook_secret:
+            found += [self.webhook_secret, self.webhook_secret.removeprefix("whsec_")]
+        return tuple(found)
+
     @property
     def images_dir(self) -> str:
         """Where LocalStorage keeps output images."""

@@ -8,6 +8,8 @@ releases leases so another process can take the work at once.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from typing import Any
 
 bind = f"127.0.0.1:{os.environ.get('PORT', '8000')}"
@@ -18,6 +20,54 @@ timeout = 120
 graceful_timeout = int(float(os.environ.get("IMGPROC_SHUTDOWN_GRACE_SECONDS", "20"))) + 10
 errorlog = "-"
 loglevel = os.environ.get("IMGPROC_LOG_LEVEL", "info").lower()
+# gunicorn's own lines (master and workers) as JSON too; the app logs one line per request.
+logconfig_dict: dict[str, Any] = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"json": {"()": "imgproc.logs.JsonFormatter"}},
+    "handlers": {
+        "stderr": {
+            "class": "logging.StreamHandler",
+            "formatter": "json",
+            "stream": "ext://sys.stderr",
+        }
+    },
+    "root": {"level": loglevel.upper(), "handlers": ["stderr"]},
+    "loggers": {
+        "gunicorn.error": {"level": loglevel.upper(), "handlers": [], "propagate": True},
+        "gunicorn.access": {"level": "WARNING", "handlers": [], "propagate": True},
+    },
+}
+
+# Metrics of all worker processes: prometheus_client keeps each process's values in files
+# here, and a scrape answered by any worker adds them up. Set before a worker imports it.
+_own_metrics_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if _own_metrics_dir:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="imgproc-metrics-")
+_metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+
+
+def on_starting(server: Any) -> None:
+    """Start from zero: files of an earlier run would add old counts to the new ones."""
+    os.makedirs(_metrics_dir, exist_ok=True)
+    for name in os.listdir(_metrics_dir):
+        if name.endswith(".db"):
+            os.unlink(os.path.join(_metrics_dir, name))
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """A dead worker's live gauges (images in flight) no longer count."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+
+
+def on_exit(server: Any) -> None:
+    """Remove the metrics directory if it was made here."""
+    if _own_metrics_dir:
+        shutil.rmtree(_metrics_dir, ignore_errors=True)
+
+
 preload_app = False
 # No runtime control socket: it lives at one fixed path per user, so two instances on one
 # host (tests, a blue/green restart) would fight over it, and nothing here needs it.

@@ -21,6 +21,7 @@ from imgproc.errors import (
     RequestNotFound,
 )
 from imgproc.fetcher import Fetcher
+from imgproc.metrics import render as render_metrics
 from imgproc.models import (
     FINISHED_PRODUCT,
     TERMINAL_REQUEST,
@@ -204,6 +205,7 @@ class Services:
             request_id,
             len(products),
             parsed.image_count,
+            extra={"request_id": request_id},
         )
         self.worker.wake()
         return Created(request_id, RequestStatus.PENDING.value, len(products), parsed.image_count)
@@ -259,6 +261,11 @@ class Services:
             while len(self._pages) > STATUS_PAGES_CACHED:
                 self._pages.popitem(last=False)
         return body
+
+    def metrics(self) -> bytes:
+        """The Prometheus exposition: every process's counters plus the database's figures."""
+        self.ensure_ready()
+        return render_metrics(self.store)
 
     def recent(self, owner: str | None, limit: int, before: str | None = None) -> dict[str, Any]:
         """One page of the owner's requests, newest first, and the cursor of the next page."""

@@ -118,6 +118,24 @@ class Store:
         except PyMongoError:
             return False
 
+    def request_counts(self) -> dict[str, int]:
+        """How many requests are in each status (every status listed, zeros too)."""
+        return {
+            status.value: self.requests.count_documents({"status": status.value})
+            for status in RequestStatus
+        }
+
+    def images_waiting(self) -> int:
+        """Images of unfinished requests that no process has finished yet."""
+        waiting = 0
+        for request in self.requests.find(
+            {"status": {"$in": _ACTIVE}},
+            {"images_total": 1, "images_done": 1, "images_failed": 1},
+        ):
+            finished = request.get("images_done", 0) + request.get("images_failed", 0)
+            waiting += max(0, request.get("images_total", 0) - finished)
+        return waiting
+
     # ---- upload ------------------------------------------------------------------------
 
     def create_request(self, request: Doc, products: list[Doc]) -> None:

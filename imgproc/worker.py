@@ -22,10 +22,11 @@ from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from imgproc import codec
+from imgproc import codec, metrics
 from imgproc.codec import CodecError
 from imgproc.config import Settings
 from imgproc.fetcher import Fetcher, FetchError
+from imgproc.logs import about
 from imgproc.models import (
     TERMINAL_IMAGE,
     ImageStatus,
@@ -227,7 +228,12 @@ class Worker:
                     running.renewed_at = time.monotonic()
                     continue
                 self._jobs[job.id] = job
-            log.info("claimed request %s (%d images)", job.id, request.get("images_total", 0))
+            log.info(
+                "claimed request %s (%d images)",
+                job.id,
+                request.get("images_total", 0),
+                extra={"request_id": job.id},
+            )
             threading.Thread(
                 target=self._run_job, args=(job,), name=f"imgproc-job-{job.id[:8]}", daemon=True
             ).start()
@@ -246,6 +252,10 @@ class Worker:
         return job.lost or self._stopping.is_set()
 
     def _run_job(self, job: Job) -> None:
+        with about(job.id):
+            self._run_job_logged(job)
+
+    def _run_job_logged(self, job: Job) -> None:
         try:
             if job.request.get("claims", 1) > 1:
                 # A take-over: the live counters may have missed a write of the process that
@@ -340,6 +350,8 @@ class Worker:
                     )
                     for i in todo
                 ]
+                for outcome in outcomes:
+                    metrics.image_finished(outcome.result or {})
             else:
                 self.store.start_product(product["_id"])
                 for i in todo:
@@ -386,12 +398,22 @@ class Worker:
 
     def _process_image(self, job: Job, product_id: str, row: int, index: int, url: str) -> None:
         """Download, compress and store one image; always reports exactly one outcome."""
+        with about(job.id), metrics.IN_FLIGHT.track_inprogress():
+            self._process_image_logged(job, product_id, row, index, url)
+
+    def _process_image_logged(
+        self, job: Job, product_id: str, row: int, index: int, url: str
+    ) -> None:
         outcome: Doc | None = None
         try:
             if self._halted(job):
                 return  # left unfinished: the next claim redoes it
+            started = time.perf_counter()
             fetched = self.fetcher.fetch(url)
+            downloaded = time.perf_counter()
+            metrics.DOWNLOAD_SECONDS.observe(downloaded - started)
             with self._cpu:
+                compress_started = time.perf_counter()
                 encoded = codec.compress(
                     fetched.data,
                     quality=job.request["quality"],
@@ -400,6 +422,7 @@ class Worker:
                     keep_metadata=self.settings.keep_metadata,
                     jpeg_optimize=self.settings.jpeg_optimize,
                 )
+                metrics.COMPRESS_SECONDS.observe(time.perf_counter() - compress_started)
             key = image_key(job.id, row, index, encoded.extension)
             self.storage.put(key, encoded.data)
             outcome = {
@@ -413,15 +436,26 @@ class Worker:
                 "format": encoded.format,
                 "kept_original": encoded.kept_original,
             }
+            log.debug(
+                "row %d image %d done: %d -> %d bytes",
+                row,
+                index,
+                len(fetched.data),
+                len(encoded.data),
+                extra={"url": url},
+            )
         except (FetchError, CodecError) as exc:
             outcome = {"status": ImageStatus.FAILED.value, "error": exc.reason}
+            log.info("row %d image %d failed: %s", row, index, exc.reason, extra={"url": url})
         except Exception:
-            log.exception("request %s row %d image %d: unexpected error", job.id, row, index)
+            log.exception("row %d image %d: unexpected error", row, index, extra={"url": url})
             outcome = {
                 "status": ImageStatus.FAILED.value,
                 "error": "internal error while processing the image",
             }
         finally:
+            if outcome is not None:
+                metrics.image_finished(outcome)
             job.outcomes.put(Outcome(product_id, index, outcome))
 
     def _flush_with_retry(self, job: Job, outcomes: list[Outcome]) -> None:
@@ -502,6 +536,7 @@ class Worker:
         status = decide_status(counts)
         has_webhook = bool((job.request.get("webhook") or {}).get("url"))
         if self.store.finish_request(job.id, status, counts, has_webhook=has_webhook):
+            metrics.REQUESTS_FINISHED.labels(status.value).inc()
             log.info(
                 "request %s %s: %d done, %d failed",
                 job.id,
@@ -515,6 +550,10 @@ class Worker:
     # ---- webhooks ----------------------------------------------------------------------
 
     def _deliver_webhook(self, request: Doc) -> None:
+        with about(str(request["_id"])):
+            self._deliver_webhook_logged(request)
+
+    def _deliver_webhook_logged(self, request: Doc) -> None:
         request_id = str(request["_id"])
         hook = request["webhook"]
         try:
@@ -535,10 +574,13 @@ class Worker:
                 error=delivery.error,
                 retry_at=retry_at,
             )
+            outcome = "delivered" if delivery.ok else "retrying" if retry_at else "failed"
+            metrics.WEBHOOKS.labels(outcome).inc()
             if delivery.ok:
                 log.info("request %s: webhook delivered", request_id)
             else:
-                log.warning(
+                log.log(
+                    logging.WARNING if retry_at else logging.ERROR,
                     "request %s: webhook attempt %d failed: %s%s",
                     request_id,
                     attempt + 1,

@@ -9,7 +9,7 @@ from flask import Blueprint, Response, request, stream_with_context
 from marshmallow import ValidationError
 from werkzeug.datastructures import FileStorage
 
-from imgproc import auth
+from imgproc import auth, logs
 from imgproc.api import services
 from imgproc.api.openapi import doc, error_responses, json_response
 from imgproc.config import human_bytes
@@ -111,6 +111,7 @@ def upload() -> tuple[dict[str, Any], int, dict[str, str]]:
         idempotency_key=_idempotency_key(),
         digest=hashlib.sha256(data).hexdigest(),
     )
+    logs.bind(created.request_id)  # the access line is about this request from here on
     status_url = f"{root}/csv/status/{created.request_id}"
     body = created_schema.dump({**created.__dict__, "status_url": status_url})
     return body, 202 if created.new else 200, {"Location": status_url}

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, current_app
+from flask import Blueprint, Response, current_app
 
 from imgproc.api import services
 from imgproc.api.openapi import build_spec, doc, json_response
+from imgproc.metrics import CONTENT_TYPE
 from imgproc.schemas import health_schema
 
 bp = Blueprint("ops", __name__)
@@ -27,6 +28,22 @@ def healthz() -> tuple[dict[str, Any], int]:
     if services().healthy():
         return health_schema.dump({"status": "ok", "db": "ok"}), 200
     return health_schema.dump({"status": "error", "db": "down"}), 503
+
+
+@bp.get("/metrics")
+@doc(
+    summary="Prometheus metrics of all worker processes",
+    tags=["operations"],
+    responses={
+        "200": {
+            "description": "Prometheus text exposition format",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        }
+    },
+)
+def metrics() -> Response:
+    """Counters and histograms of every worker process, plus what is waiting."""
+    return Response(services().metrics(), content_type=CONTENT_TYPE)
 
 
 @bp.get("/openapi.json")

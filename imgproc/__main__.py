@@ -1,20 +1,25 @@
-"""Command line: ``python -m imgproc serve`` (what ``make run`` runs)."""
+"""Command line: ``python -m imgproc serve`` (what ``make run`` runs), and the client
+commands ``submit`` and ``status`` (see :mod:`imgproc.cli`)."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import subprocess
 import sys
 from types import FrameType
 
-from imgproc import embedded_db
+from imgproc import cli, embedded_db, logs
 from imgproc.config import ConfigError, load_settings
+
+log = logging.getLogger("imgproc.serve")
 
 
 def serve() -> int:
     """Start the embedded database (unless MONGODB_URI is set) and gunicorn; stop both."""
+    logs.configure(os.environ.get("IMGPROC_LOG_LEVEL", "INFO"))
     env = dict(os.environ)
     data_dir = env.setdefault("IMGPROC_DATA_DIR", "./data")
     db: embedded_db.EmbeddedDb | None = None
@@ -22,15 +27,12 @@ def serve() -> int:
         db_path = os.path.join(data_dir, "db")
         db = embedded_db.start(db_path, log_path=os.path.join(data_dir, "secantusd.log"))
         env["MONGODB_URI"] = db.uri
-        print(
-            f"imgproc: embedded MongoDB server (SecantusDB) at {db.uri}, data in {db_path}",
-            flush=True,
-        )
+        log.info("embedded MongoDB server (SecantusDB) at %s, data in %s", db.uri, db_path)
     try:
         os.environ.update(env)
         load_settings()  # a bad setting stops here with a clear message
     except ConfigError as exc:
-        print(f"imgproc: configuration error: {exc}", file=sys.stderr)
+        log.error("configuration error: %s", exc)
         if db:
             db.stop()
         return 2
@@ -45,7 +47,7 @@ def serve() -> int:
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
-    print(f"imgproc: serving on http://127.0.0.1:{env.get('PORT', '8000')}", flush=True)
+    log.info("serving on http://127.0.0.1:%s", env.get("PORT", "8000"))
     try:
         code = gunicorn.wait()
     finally:
@@ -61,10 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m imgproc")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="run the service (embedded database unless MONGODB_URI)")
+    cli.add_commands(commands)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve()
-    return 2  # pragma: no cover - argparse rejects unknown commands
+    return cli.run(args)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8000
 
-.PHONY: run test bench bench-quality bench-load lint fmt typecheck check clean
+NEWMAN := tests/tools/node_modules/.bin/newman
+
+.PHONY: run test test-tools browser bench bench-quality bench-load lint fmt typecheck check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +22,17 @@ $(VENV)/.dev-deps: requirements.txt requirements-dev.txt | $(BIN)/python
 run: $(VENV)/.runtime-deps  ## serve on 127.0.0.1:$(PORT) (embedded MongoDB unless MONGODB_URI)
 	PORT=$(PORT) exec $(BIN)/python -m imgproc serve
 
-test: $(VENV)/.dev-deps  ## the whole suite (own database server, image host, webhook receiver)
+test: $(VENV)/.dev-deps test-tools  ## the whole suite (own database server, image host, webhook receiver, browser, newman)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-tools: browser $(NEWMAN)  ## what the suite drives besides Python: Debian's Chromium and newman
+
+browser:  ## Debian's Chromium for the dashboard tests (apt-get, as root or through sudo)
+	tests/tools/install-browser.sh
+
+$(NEWMAN): tests/tools/package.json tests/tools/package-lock.json
+	npm ci --prefix tests/tools --no-audit --no-fund --loglevel=error
+	touch $@
 
 bench: $(VENV)/.dev-deps  ## end-to-end throughput of a batch; prints a table and a JSON line
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
@@ -46,4 +57,4 @@ typecheck: $(VENV)/.dev-deps
 check: lint typecheck test
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache tests/tools/node_modules test-artifacts

@@ -11,6 +11,7 @@ from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Flask
 
+from imgproc.auth import OPEN_PATHS, OPEN_PREFIXES
 from imgproc.schemas import (
     CreatedSchema,
     ErrorSchema,
@@ -101,7 +102,7 @@ def build_spec(app: Flask) -> dict[str, Any]:
                 op_id += "_alias_" + re.sub(r"\W+", "_", path).strip("_")
             used_ids.add(op_id)
             op["operationId"] = op_id
-            if path != "/healthz" and not path.startswith("/images/"):
+            if rule.rule not in OPEN_PATHS and not rule.rule.startswith(OPEN_PREFIXES):
                 # Only when IMGPROC_API_KEYS is set; the empty requirement means "or none".
                 op["security"] = [{"ApiKey": []}, {"Bearer": []}, {}]
             op["parameters"] = parameters + list(op.get("parameters", []))

@@ -72,6 +72,23 @@ def decode(data: bytes) -> str:
         ) from None
 
 
+def _claim_serial(
+    serials: dict[int, int], serial: int | None, row_number: int, problems: _Problems
+) -> bool:
+    """Record the row of a serial number; False (and a problem) when an earlier row has it."""
+    if serial is None:
+        return True
+    first = serials.setdefault(serial, row_number)
+    if first != row_number:
+        problems.add(
+            row_number,
+            ROLE_COLUMNS["serial_number"],
+            f"duplicate serial number {serial} (first at row {first})",
+        )
+        return False
+    return True
+
+
 def _roles(header: list[str], problems: _Problems) -> dict[str, int]:
     roles: dict[str, int] = {}
     seen: dict[str, int] = {}
@@ -137,14 +154,12 @@ def parse_csv(data: bytes, *, max_rows: int, max_urls_per_row: int) -> ParsedCsv
             ):
                 for message in messages:
                     problems.add(row_number, ROLE_COLUMNS.get(role, role), message)
+            # A row with other problems still claims its serial number: a later duplicate of
+            # it is a problem of its own, reported now rather than after the first fix.
+            valid = exc.valid_data if isinstance(exc.valid_data, dict) else {}
+            _claim_serial(serials, valid.get("serial_number"), row_number, problems)
             continue
-        first = serials.setdefault(loaded["serial_number"], row_number)
-        if first != row_number:
-            problems.add(
-                row_number,
-                ROLE_COLUMNS["serial_number"],
-                f"duplicate serial number {loaded['serial_number']} (first at row {first})",
-            )
+        if not _claim_serial(serials, loaded["serial_number"], row_number, problems):
             continue
         extra = {
             name: cells[i]

@@ -86,6 +86,14 @@ def test_serial_numbers_unique() -> None:
     ]
 
 
+def test_a_duplicate_of_a_row_with_other_problems_is_reported_too() -> None:
+    text = f"{HEADER}\n7,,http://x.example/a.jpg\n7,B,http://x.example/b.jpg\n"
+    assert details(text) == [
+        {"row": 2, "column": "Product Name", "message": "must not be empty"},
+        {"row": 3, "column": "S. No.", "message": "duplicate serial number 7 (first at row 2)"},
+    ]
+
+
 def test_product_name_rules() -> None:
     long = "x" * 513
     text = f"{HEADER}\n1,   ,http://x.example/a.jpg\n2,{long},http://x.example/b.jpg\n3,{'y' * 512},http://x.example/c.jpg\n"

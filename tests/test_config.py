@@ -70,16 +70,16 @@ def test_unknown_override_is_refused() -> None:
         load_settings({"colour": "blue"})
 
 
-def test_readme_documents_every_setting() -> None:
+def test_the_operations_page_documents_every_setting() -> None:
     import dataclasses
     from pathlib import Path
 
     from imgproc.config import env_name
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    page = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
     missing = [
         env_name(f.name)
         for f in dataclasses.fields(Settings)
-        if f"`{env_name(f.name)}`" not in readme
+        if f"`{env_name(f.name)}`" not in page
     ]
     assert missing == []

@@ -4,7 +4,10 @@ HTML, CSS and JavaScript in ``imgproc/static`` are served as they are."""
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, send_from_directory
+from functools import cache
+from pathlib import Path
+
+from flask import Blueprint, Response
 
 from imgproc.api.openapi import doc
 
@@ -16,6 +19,12 @@ CONTENT_SECURITY_POLICY = (
     "style-src 'self'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
     "form-action 'none'"
 )
+
+
+@cache
+def _page() -> bytes:
+    """The page's bytes, read once per process (it is part of the package)."""
+    return (Path(__file__).resolve().parent.parent / "static" / "dashboard.html").read_bytes()
 
 
 @bp.get("/")
@@ -31,7 +40,8 @@ CONTENT_SECURITY_POLICY = (
 )
 def index() -> Response:
     """The dashboard page; its script talks to the JSON API."""
-    response = send_from_directory(str(current_app.static_folder), "dashboard.html")
+    response = Response(_page(), mimetype="text/html")
+    response.headers["Cache-Control"] = "no-cache"
     response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["Referrer-Policy"] = "no-referrer"

@@ -95,6 +95,9 @@ class WaitingSource(Protocol):
     def images_waiting(self) -> int: ...
 
 
+_UP_HELP = "1 when the database answered this scrape's queries, 0 when it did not"
+
+
 class _DatabaseCollector(Collector):
     """Figures every process agrees on because they are read from the database."""
 
@@ -102,17 +105,25 @@ class _DatabaseCollector(Collector):
         self.source = source
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        """Requests by status and images not yet finished, at this moment."""
+        """Requests by status and images not yet finished, at this moment; with the database
+        down, only ``imgproc_database_up 0``, so the processes' own figures still get out."""
+        try:
+            counts = self.source.request_counts()
+            waiting = self.source.images_waiting()
+        except Exception:  # the store's errors (database down): report it, don't fail the scrape
+            yield GaugeMetricFamily("imgproc_database_up", _UP_HELP, value=0)
+            return
+        yield GaugeMetricFamily("imgproc_database_up", _UP_HELP, value=1)
         by_status = GaugeMetricFamily(
             "imgproc_requests", "Requests stored, by current status", labels=["status"]
         )
-        for status, count in sorted(self.source.request_counts().items()):
+        for status, count in sorted(counts.items()):
             by_status.add_metric([status], count)
         yield by_status
         yield GaugeMetricFamily(
             "imgproc_images_waiting",
             "Images of pending and processing requests not finished yet (work waiting)",
-            value=self.source.images_waiting(),
+            value=waiting,
         )
 
 

@@ -59,6 +59,12 @@ def test_batch_survives_a_database_outage(image_host: HTTPServer, tmp_path: Path
         assert upload.json()["error"]["code"] == "unavailable"
         status = requests.get(f"{service.url}/csv/status/{request_id}", timeout=10)
         assert status.status_code == 503 and status.json()["error"]["code"] == "unavailable"
+        metrics = requests.get(f"{service.url}/metrics", timeout=10)
+        assert metrics.status_code == 200  # the processes' own figures still get out
+        assert "imgproc_database_up 0.0" in metrics.text
+        assert (
+            "imgproc_images_total" in metrics.text and "imgproc_images_waiting" not in metrics.text
+        )
         time.sleep(max(0.0, 10 - (time.monotonic() - outage_started)))  # ~10 s down
 
         database = embedded_db.start(storage, port=port, log_path=str(tmp_path / "db2.log"))
@@ -69,6 +75,7 @@ def test_batch_survives_a_database_outage(image_host: HTTPServer, tmp_path: Path
         assert body["progress"]["products_done"] == 30  # ...and nothing counted twice
         assert all(1 <= hits[f"/o{n}.jpg"] <= 2 for n in range(30)), hits
         assert requests.get(f"{service.url}/healthz", timeout=5).status_code == 200
+        assert "imgproc_database_up 1.0" in requests.get(f"{service.url}/metrics", timeout=5).text
         assert service.process.poll() is None  # the service itself never went down
     finally:
         service.stop()

@@ -67,7 +67,7 @@ def current_request_id() -> str | None:
 
 
 class JsonFormatter(logging.Formatter):
-    """``{"ts", "level", "logger", "message", "request_id"?, ...extra, "exception"?}``."""
+    """``{"ts", "level", "logger", "pid", "message", "request_id"?, ...extra, "exception"?}``."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         super().__init__()
@@ -83,6 +83,7 @@ class JsonFormatter(logging.Formatter):
             + "Z",
             "level": record.levelname.lower(),
             "logger": record.name,
+            "pid": record.process,
             "message": self._clean(record.getMessage()),
         }
         request_id = getattr(record, "request_id", None) or _request_id.get()
@@ -117,7 +118,8 @@ def configure(level: str, secrets: Iterable[str] = ()) -> None:
     handler = _StderrHandler()
     handler.setFormatter(JsonFormatter(secrets))
     root = logging.getLogger()
-    for stale in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+    # Ours from an earlier call, or the one gunicorn's logconfig_dict installed: one only.
+    for stale in [h for h in root.handlers if isinstance(h.formatter, JsonFormatter)]:
         root.removeHandler(stale)
     root.addHandler(handler)
     # Debug means this service's debug lines; the libraries' (pymongo logs every command)

@@ -454,9 +454,9 @@ class Worker:
                 "error": "internal error while processing the image",
             }
         finally:
+            job.outcomes.put(Outcome(product_id, index, outcome))  # first: the job waits on it
             if outcome is not None:
                 metrics.image_finished(outcome)
-            job.outcomes.put(Outcome(product_id, index, outcome))
 
     def _flush_with_retry(self, job: Job, outcomes: list[Outcome]) -> None:
         """Write a batch of outcomes, riding out a short database outage."""

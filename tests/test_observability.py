@@ -62,7 +62,7 @@ def test_logs_are_json_lines_tagged_with_the_request_and_free_of_secrets(
     for secret in (API_KEY, WEBHOOK_SECRET, "hunter2pass", "s3cr3tsig", "hooktoken123"):
         assert secret not in out.err + out.out
     for line in lines:
-        assert {"ts", "level", "logger", "message"} <= line.keys()
+        assert {"ts", "level", "logger", "pid", "message"} <= line.keys()
         assert line["ts"].endswith("Z")
     about = [line for line in lines if line.get("request_id") == request_id]
     messages = [line["message"] for line in about]
@@ -141,3 +141,5 @@ def test_metrics_add_up_over_several_gunicorn_workers(
         assert scrape[("imgproc_http_requests_total", status_route)] >= polls
     lines = json_lines((tmp_path / "service.log").read_text())
     assert any(line["logger"] == "gunicorn.error" for line in lines)  # gunicorn's own, as JSON
+    started = [line["pid"] for line in lines if "started with" in line["message"]]
+    assert len(started) == len(set(started)) == 3  # each worker's line once, no echo

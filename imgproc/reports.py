@@ -101,8 +101,8 @@ def links(request: Doc, root: str) -> Doc:
     }
 
 
-def request_summary(request: Doc, root: str) -> Doc:
-    """One line of GET /csv/requests."""
+def _head(request: Doc) -> Doc:
+    """What the status body and a line of the request list both start with."""
     return {
         "request_id": request["_id"],
         "status": request["status"],
@@ -110,20 +110,19 @@ def request_summary(request: Doc, root: str) -> Doc:
         "updated_at": iso(request["updated_at"]),
         "completed_at": iso(request.get("completed_at")),
         "progress": progress(request),
-        **links(request, root),
     }
+
+
+def request_summary(request: Doc, root: str) -> Doc:
+    """One line of GET /csv/requests."""
+    return {**_head(request), **links(request, root)}
 
 
 def status_view(request: Doc, products: list[Doc], root: str, offset: int, limit: int) -> Doc:
     """The body of GET /csv/status/<id>."""
     fed = int(request.get("fed_rows", 0)) if request["status"] == "processing" else 0
     return {
-        "request_id": request["_id"],
-        "status": request["status"],
-        "created_at": iso(request["created_at"]),
-        "updated_at": iso(request["updated_at"]),
-        "completed_at": iso(request.get("completed_at")),
-        "progress": progress(request),
+        **_head(request),
         "webhook": webhook_info(request),
         "output_csv_url": links(request, root)["output_csv_url"],
         "products": [product_view(p, root, fed) for p in products],

@@ -244,13 +244,18 @@ class PageSchema(Schema):
     total = fields.Integer(required=True)
 
 
-class StatusSchema(Schema):
+class _RequestHeadSchema(Schema):
+    """The fields a status body and a line of the request list both start with."""
+
     request_id = fields.String(required=True)
     status = fields.String(required=True, **_enum(RequestStatus))
     created_at = fields.String(required=True)
     updated_at = fields.String(required=True)
     completed_at = fields.String(allow_none=True, required=True)
     progress = fields.Nested(ProgressSchema, required=True)
+
+
+class StatusSchema(_RequestHeadSchema):
     webhook = fields.Nested(WebhookInfoSchema, required=True)
     output_csv_url = fields.String(required=True)
     products = fields.List(fields.Nested(ProductSchema), required=True)
@@ -273,13 +278,7 @@ class RequestsQuerySchema(Schema):
     before = fields.String(load_default=None, validate=validate.Length(min=1, max=200))
 
 
-class RequestSummarySchema(Schema):
-    request_id = fields.String(required=True)
-    status = fields.String(required=True, **_enum(RequestStatus))
-    created_at = fields.String(required=True)
-    updated_at = fields.String(required=True)
-    completed_at = fields.String(allow_none=True, required=True)
-    progress = fields.Nested(ProgressSchema, required=True)
+class RequestSummarySchema(_RequestHeadSchema):
     status_url = fields.String(required=True)
     output_csv_url = fields.String(required=True)
 

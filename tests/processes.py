@@ -101,3 +101,15 @@ def wait_terminal_http(url: str, request_id: str, timeout: float = 60) -> dict[s
             return body
         assert time.monotonic() < deadline, f"{request_id} not terminal: {reply.text[:300]}"
         time.sleep(0.1)
+
+
+def wait_images_done(url: str, request_id: str, count: int, timeout: float = 30) -> None:
+    """Poll a running service's status until at least ``count`` images are done; fail the
+    test at the timeout (the service made no progress)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        reply = requests.get(f"{url}/csv/status/{request_id}", timeout=5)
+        if reply.json()["progress"]["images_done"] >= count:
+            return
+        assert time.monotonic() < deadline, f"{request_id}: fewer than {count} images done"
+        time.sleep(0.05)

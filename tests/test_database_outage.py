@@ -14,7 +14,7 @@ from pytest_httpserver import HTTPServer
 from imgproc import embedded_db
 from imgproc.embedded_db import free_port
 from tests.conftest import csv_bytes, serve_slowly
-from tests.processes import start_gunicorn, wait_terminal_http
+from tests.processes import start_gunicorn, wait_images_done, wait_terminal_http
 from tests.test_worker_recovery import service_env
 
 pytestmark = pytest.mark.slow
@@ -37,15 +37,7 @@ def test_batch_survives_a_database_outage(image_host: HTTPServer, tmp_path: Path
             f"{service.url}/csv/upload", files={"file": ("p.csv", csv_bytes(rows))}, timeout=10
         )
         request_id = created.json()["request_id"]
-        deadline = time.monotonic() + 30
-        while (
-            requests.get(f"{service.url}/csv/status/{request_id}", timeout=5).json()["progress"][
-                "images_done"
-            ]
-            < 4
-        ):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_images_done(service.url, request_id, 4)
 
         database.stop()  # the outage begins, mid-batch
         outage_started = time.monotonic()

@@ -14,7 +14,7 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from tests.conftest import csv_bytes, make_image, serve_slowly
-from tests.processes import start_gunicorn, wait_terminal_http
+from tests.processes import start_gunicorn, wait_images_done, wait_terminal_http
 
 pytestmark = pytest.mark.slow
 
@@ -50,15 +50,7 @@ def test_sigkill_mid_batch_then_restart(
         )
         assert response.status_code == 202
         request_id = response.json()["request_id"]
-        deadline = time.monotonic() + 30
-        while (
-            requests.get(f"{first.url}/csv/status/{request_id}", timeout=5).json()["progress"][
-                "images_done"
-            ]
-            < 6
-        ):
-            assert time.monotonic() < deadline, "first instance made no progress"
-            time.sleep(0.05)
+        wait_images_done(first.url, request_id, 6)
         first.kill()
     finally:
         first.stop()

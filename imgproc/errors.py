@@ -9,6 +9,7 @@ from flask import Flask, Response, jsonify
 from werkzeug import exceptions
 from werkzeug.exceptions import HTTPException
 
+from imgproc.storage import StorageUnavailable
 from imgproc.store import DatabaseDown
 
 log = logging.getLogger(__name__)
@@ -144,5 +145,10 @@ def register_error_handlers(app: Flask) -> None:
         if isinstance(error, DatabaseDown):
             log.warning("database unavailable: %s", error)
             return error_response(ServiceUnavailable())
+        if isinstance(error, StorageUnavailable):
+            log.warning("image storage unavailable: %s", error)
+            return error_response(
+                ServiceUnavailable("the image storage is unavailable; try again shortly")
+            )
         log.exception("unhandled error")
         return error_response(ApiError())

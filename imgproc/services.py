@@ -34,7 +34,7 @@ from imgproc.models import (
     WebhookStatus,
 )
 from imgproc.reports import base_url, output_csv, request_summary, status_view
-from imgproc.storage import GridFSStorage, LocalStorage, Storage, StoredFile
+from imgproc.storage import Storage, StoredFile, open_storage
 from imgproc.store import EPOCH, Doc, Store, connect, product_id
 from imgproc.webhooks import WebhookSender
 from imgproc.worker import Worker
@@ -83,12 +83,9 @@ class Services:
         self.client = connect(
             settings.mongodb_uri, timeout_ms=settings.db_timeout_ms, pool_size=settings.workers + 16
         )
-        self.store = Store(self.client[settings.db_name])
-        self.storage: Storage = (
-            GridFSStorage(self.store)
-            if settings.storage == "gridfs"
-            else LocalStorage(settings.images_dir)
-        )
+        # A database named in MONGODB_URI wins; IMGPROC_DB_NAME is the fallback.
+        self.store = Store(self.client.get_default_database(default=settings.db_name))
+        self.storage: Storage = open_storage(settings, self.store)
         self.fetcher = Fetcher(settings)
         self.webhooks = WebhookSender(settings)
         self.worker = Worker(settings, self.store, self.storage, self.fetcher, self.webhooks)

@@ -14,10 +14,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import gridfs
+from bson import ObjectId
 from pymongo import ASCENDING, DESCENDING, MongoClient, ReturnDocument, UpdateOne
 from pymongo.collection import Collection
 from pymongo.database import Database
-from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
+from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError
 
 from imgproc.models import (
     TERMINAL_IMAGE,
@@ -60,10 +61,17 @@ class ProductWrite:
 
 
 def connect(uri: str, *, timeout_ms: int, pool_size: int) -> MongoClient[Doc]:
-    """A lazily connecting, fork-safe client (nothing touches the network until first use)."""
+    """A lazily connecting, fork-safe client (nothing touches the network until first use).
+
+    Every write is acknowledged only once it is in the journal of a majority of the replica
+    set (of the one server, standalone), so a database killed right after answering loses
+    nothing it answered for: acknowledged means durable.
+    """
     return MongoClient(
         uri,
         connect=False,
+        w="majority",
+        journal=True,
         tz_aware=True,
         serverSelectionTimeoutMS=timeout_ms,
         connectTimeoutMS=timeout_ms,
@@ -106,7 +114,7 @@ class Store:
             [("owner", ASCENDING), ("created_at", DESCENDING), ("_id", DESCENDING)]
         )
         self.requests.create_index([("idempotency_key", ASCENDING)], sparse=True)
-        self.db["images.files"].create_index([("filename", ASCENDING), ("uploadDate", ASCENDING)])
+        self._ensure_unique_image_names()
         # Expired keys are also ignored when met; the TTL index only keeps the collection small.
         self.idempotency.create_index([("created_at", ASCENDING)], expireAfterSeconds=7 * 86400)
 
@@ -182,15 +190,60 @@ class Store:
 
     # ---- GridFS images ------------------------------------------------------------------
 
+    def _ensure_unique_image_names(self) -> None:
+        """One files document per image name: what makes a repeated put harmless.
+
+        Databases written before the index existed may hold older revisions of a name; the
+        newest is kept (it is what readers were served) and the index is created again.
+        """
+        files = self.db["images.files"]
+        for attempt in (1, 2):
+            try:
+                files.create_index([("filename", ASCENDING)], unique=True, name="filename_unique")
+                return
+            except (DuplicateKeyError, OperationFailure) as exc:
+                if attempt == 2 or getattr(exc, "code", None) not in (11000, 11001):
+                    raise
+            duplicates = files.aggregate(
+                [
+                    {"$sort": {"uploadDate": DESCENDING}},
+                    {"$group": {"_id": "$filename", "ids": {"$push": "$_id"}, "n": {"$sum": 1}}},
+                    {"$match": {"n": {"$gt": 1}}},
+                ]
+            )
+            for duplicate in duplicates:
+                for old in duplicate["ids"][1:]:
+                    with contextlib.suppress(gridfs.errors.NoFile):
+                        self.images.delete(old)
+
     def put_image(self, key: str, data: bytes) -> None:
-        """Store an output image under ``key``; older versions of it are deleted after."""
+        """Store an output image under ``key`` unless a version of it is stored already.
+
+        GridFS writes the chunks first and the files document last, and ``filename`` is
+        unique: the first complete version wins, and it is never replaced or deleted, so a
+        reader never meets a half-written or vanishing file. Chunks of a losing or interrupted
+        attempt carry their own id and are never read.
+        """
+        files = self.db["images.files"]
+        if files.find_one({"filename": key}, {"_id": 1}) is not None:
+            return
         digest = hashlib.sha256(data).hexdigest()[:32]
-        new_id = self.images.upload_from_stream(key, data, metadata={"sha256": digest})
-        for old in self.db["images.files"].find(
-            {"filename": key, "_id": {"$ne": new_id}}, {"_id": 1}
-        ):
-            with contextlib.suppress(gridfs.errors.NoFile):
-                self.images.delete(old["_id"])
+        for _attempt in (1, 2):
+            file_id = ObjectId()
+            try:
+                self.images.upload_from_stream_with_id(
+                    file_id, key, data, metadata={"sha256": digest}
+                )
+                return
+            except gridfs.errors.FileExists:
+                # A write sent twice across a reconnect, or another writer first.
+                winner = files.find_one({"filename": key}, {"_id": 1})
+                if winner is not None and winner["_id"] == file_id:
+                    return  # our files document went in; only its reply was lost
+                self.db["images.chunks"].delete_many({"files_id": file_id})
+                if winner is not None:
+                    return  # another writer's complete version stays; ours is dropped
+        raise PyMongoError(f"could not store {key}: GridFS kept reporting a duplicate")
 
     def get_image(self, key: str) -> tuple[bytes, str] | None:
         """The newest version of the image stored under ``key`` and its digest."""

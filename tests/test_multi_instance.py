@@ -13,8 +13,6 @@ import pytest
 import requests
 from pytest_httpserver import HTTPServer
 
-from imgproc.storage import GridFSStorage
-from imgproc.store import Store
 from tests.conftest import csv_bytes, serve_slowly
 from tests.processes import start_gunicorn, wait_terminal_http
 from tests.test_worker_recovery import service_env
@@ -97,15 +95,3 @@ def test_two_instances_share_the_work_and_survive_a_kill(
         assert all(n == 1 for n in ids_seen.values()), ids_seen
     finally:
         second.stop()
-
-
-def test_gridfs_overwrites_a_redone_image(mongo: Any) -> None:
-    storage = GridFSStorage(Store(mongo))
-    key = "0f8fad5b-d9cb-469f-a165-70867728950e/3-0.jpg"
-    storage.put(key, b"first")
-    storage.put(key, b"second")
-    stored = storage.get(key)
-    assert stored is not None and stored.data == b"second" and stored.etag
-    assert mongo["images.files"].count_documents({"filename": key}) == 1
-    assert storage.get("0f8fad5b-d9cb-469f-a165-70867728950e/4-0.jpg") is None
-    assert storage.get("../etc/passwd") is None

@@ -1,0 +1,89 @@
+"""Where output images live, behind one contract that every backend keeps.
+
+The contract (ARCHITECTURE, durability rule 8):
+
+- ``put(key, data)`` may be repeated, or race with another ``put`` of the same key from
+  another thread, process or host, and still leaves exactly one complete, readable version;
+  no reader ever sees a partial file or a gap between a delete and a write.
+- Once ``put`` has returned, ``get(key)`` answers with complete bytes for good (the outcome
+  that says ``done`` is written only after that).
+- Anything that keeps the storage from taking or giving an image right now (down, full,
+  refused, a reset connection) is :class:`StorageUnavailable`: transient, never a reason to
+  fail the image; the image stays unfinished and is retried.
+
+Keys are deterministic (request, row, index), so redoing an image stores under the same key.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from imgproc.config import Settings
+    from imgproc.store import Store
+
+__all__ = [
+    "CONTENT_TYPES",
+    "Storage",
+    "StorageUnavailable",
+    "StoredFile",
+    "content_type",
+    "image_key",
+    "open_storage",
+    "valid_key",
+]
+
+_KEY = re.compile(r"^[0-9a-f-]{36}/\d{1,7}-\d{1,3}\.(jpg|webp|png)$")
+CONTENT_TYPES = {"jpg": "image/jpeg", "webp": "image/webp", "png": "image/png"}
+
+
+class StorageUnavailable(Exception):
+    """The storage cannot take or give an image right now; try again later."""
+
+
+def image_key(request_id: str, row: int, index: int, extension: str) -> str:
+    """The storage key of one output image."""
+    return f"{request_id}/{row}-{index}.{extension}"
+
+
+def valid_key(key: str) -> bool:
+    """True for a key :func:`image_key` can produce (no traversal, no other names)."""
+    return bool(_KEY.match(key))
+
+
+def content_type(key: str) -> str:
+    """The MIME type of the image stored under a valid ``key``."""
+    return CONTENT_TYPES[key.rsplit(".", 1)[1]]
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """A stored image as the HTTP layer serves it: a local file, or bytes with their ETag."""
+
+    content_type: str
+    path: str | None = None
+    data: bytes | None = None
+    etag: str | None = None
+
+
+class Storage(Protocol):
+    """Output image storage (see the module docstring for the contract)."""
+
+    def put(self, key: str, data: bytes) -> None:
+        """Store ``data`` under ``key``; StorageUnavailable when that cannot be done now."""
+
+    def get(self, key: str) -> StoredFile | None:
+        """The stored image, or None; StorageUnavailable when it cannot be read now."""
+
+
+def open_storage(settings: Settings, store: Store) -> Storage:
+    """The backend ``IMGPROC_STORAGE`` names."""
+    if settings.storage == "gridfs":
+        from imgproc.storage.gridfs_bucket import GridFSStorage
+
+        return GridFSStorage(store)
+    from imgproc.storage.local import LocalStorage
+
+    return LocalStorage(settings.images_dir)

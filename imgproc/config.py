@@ -66,6 +66,7 @@ class Settings:
     webhook_timeout: float = 10.0
     db_timeout_ms: int = 5000
     status_cache_products: int = 20_000
+    stall_seconds: float = 300.0
     log_level: str = "INFO"
 
     def secrets(self) -> tuple[str, ...]:
@@ -173,6 +174,7 @@ def validate(s: Settings) -> None:
         "read_timeout",
         "download_deadline",
         "webhook_timeout",
+        "stall_seconds",
     ):
         _check(getattr(s, field) > 0, field, "must be greater than 0", getattr(s, field))
     for field in ("shutdown_grace_seconds", "fetch_backoff"):

@@ -94,6 +94,8 @@ class WaitingSource(Protocol):
 
     def images_waiting(self) -> int: ...
 
+    def stalled_requests(self, quiet_seconds: float) -> int: ...
+
 
 _UP_HELP = "1 when the database answered this scrape's queries, 0 when it did not"
 
@@ -101,8 +103,9 @@ _UP_HELP = "1 when the database answered this scrape's queries, 0 when it did no
 class _DatabaseCollector(Collector):
     """Figures every process agrees on because they are read from the database."""
 
-    def __init__(self, source: WaitingSource) -> None:
+    def __init__(self, source: WaitingSource, stall_seconds: float) -> None:
         self.source = source
+        self.stall_seconds = stall_seconds
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         """Requests by status and images not yet finished, at this moment; with the database
@@ -110,6 +113,7 @@ class _DatabaseCollector(Collector):
         try:
             counts = self.source.request_counts()
             waiting = self.source.images_waiting()
+            stalled = self.source.stalled_requests(self.stall_seconds)
         except Exception:  # the store's errors (database down): report it, don't fail the scrape
             yield GaugeMetricFamily("imgproc_database_up", _UP_HELP, value=0)
             return
@@ -125,14 +129,20 @@ class _DatabaseCollector(Collector):
             "Images of pending and processing requests not finished yet (work waiting)",
             value=waiting,
         )
+        yield GaugeMetricFamily(
+            "imgproc_requests_stalled",
+            "Requests processing with no image recorded for IMGPROC_STALL_SECONDS "
+            "(work held while nothing moves)",
+            value=stalled,
+        )
 
 
-def render(source: WaitingSource) -> bytes:
+def render(source: WaitingSource, stall_seconds: float) -> bytes:
     """The text exposition of every metric: all processes' counters plus the database's."""
     registry: Any = REGISTRY
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     scrape = CollectorRegistry()
-    scrape.register(_DatabaseCollector(source))
+    scrape.register(_DatabaseCollector(source, stall_seconds))
     return bytes(generate_latest(registry) + generate_latest(scrape))

@@ -4,6 +4,7 @@ sender and worker; the views call its methods, the worker threads get its parts.
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import threading
 import uuid
@@ -13,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from imgproc.config import Settings
+from imgproc.documents import EPOCH, Doc, new_product, new_request, product_id
 from imgproc.errors import (
     IdempotencyConflict,
     InvalidField,
@@ -26,21 +28,21 @@ from imgproc.models import (
     FINISHED_PRODUCT,
     TERMINAL_REQUEST,
     Created,
-    ImageStatus,
     ParsedCsv,
-    ProductStatus,
     RequestStatus,
     UploadOptions,
-    WebhookStatus,
 )
 from imgproc.reports import base_url, output_csv, request_summary, status_view
 from imgproc.storage import Storage, StoredFile, open_storage
-from imgproc.store import EPOCH, Doc, Store, connect, product_id
+from imgproc.store import DatabaseError, Store, connect
 from imgproc.webhooks import WebhookSender
 from imgproc.worker import Worker
 
 log = logging.getLogger(__name__)
 
+# An Idempotency-Key reservation with no request after this long belongs to an upload whose
+# storing failed (the database went away mid-way): a retry with the key takes it over.
+STORING_GRACE = timedelta(seconds=30)
 STATUS_PAGES_CACHED = 64  # rendered status pages kept per process (by request, offset, limit)
 
 
@@ -137,65 +139,35 @@ class Services:
             earlier = self.store.reserve_idempotency_key(
                 scoped_key, request_id, digest, timedelta(hours=self.settings.idempotency_hours)
             )
-            if earlier is not None:
-                return self._replay(earlier, digest)
-        quality = options.quality or self.settings.default_quality
-        products = [
-            {
-                "_id": product_id(request_id, index),
-                "request_id": request_id,
-                "row": index,  # dense input order; the CSV line is row.row
-                "serial_number": row.serial_number,
-                "product_name": row.product_name,
-                "extra": row.extra,
-                "status": ProductStatus.PENDING.value,
-                "attempts": 0,
-                "images": [
-                    {"input_url": url, "status": ImageStatus.PENDING.value}
-                    for url in row.input_urls
-                ],
-            }
-            for index, row in enumerate(parsed.rows)
-        ]
-        request: Doc = {
-            "_id": request_id,
-            "status": RequestStatus.PENDING.value,
-            "created_at": now,
-            "updated_at": now,
-            "completed_at": None,
-            "products_total": len(products),
-            "products_done": 0,
-            "images_total": parsed.image_count,
-            "images_done": 0,
-            "images_failed": 0,
-            "quality": quality,
-            "output_format": options.output_format.value,
-            "webhook": {
-                "url": options.webhook_url,
-                "status": (
-                    WebhookStatus.PENDING if options.webhook_url else WebhookStatus.NONE
-                ).value,
-                "attempts": 0,
-                "next_attempt_at": None,
-                "last_attempt_at": None,
-                "last_error": None,
-            },
-            "header": parsed.header,
-            "roles": parsed.roles,
-            "base_url": root,
-            "lease_owner": None,
-            "lease_until": EPOCH,
-            "claims": 0,
-            "owner": owner,
-        }
-        if scoped_key:
-            request["idempotency_key"] = scoped_key
-            request["file_digest"] = digest
+            while earlier is not None:
+                replay = self._replay(earlier, digest, now)
+                if replay is not None:
+                    return replay
+                earlier = self.store.take_over_idempotency_key(
+                    scoped_key, earlier["request_id"], request_id, digest
+                )
+        products = [new_product(request_id, index, row) for index, row in enumerate(parsed.rows)]
+        request = new_request(
+            request_id,
+            now,
+            products_total=len(products),
+            images_total=parsed.image_count,
+            quality=options.quality or self.settings.default_quality,
+            output_format=options.output_format.value,
+            webhook_url=options.webhook_url,
+            header=parsed.header,
+            roles=parsed.roles,
+            base_url=root,
+            owner=owner,
+            idempotency_key=scoped_key,
+            file_digest=digest,
+        )
         try:
             self.store.create_request(request, products)
         except BaseException:
             if scoped_key:
-                self.store.release_idempotency_key(scoped_key, request_id)
+                with contextlib.suppress(DatabaseError):  # the original error is the one to report
+                    self.store.release_idempotency_key(scoped_key, request_id)
             raise
         log.info(
             "request %s accepted: %d products, %d images",
@@ -207,13 +179,17 @@ class Services:
         self.worker.wake()
         return Created(request_id, RequestStatus.PENDING.value, len(products), parsed.image_count)
 
-    def _replay(self, earlier: Doc, digest: str) -> Created:
+    def _replay(self, earlier: Doc, digest: str, now: datetime) -> Created | None:
+        """The first request of a reused key, or None when the reservation belongs to an
+        upload that failed to store (the caller takes the key over)."""
         if earlier.get("digest") != digest:
             raise IdempotencyConflict(
                 "this Idempotency-Key was used with a different file; use a new key"
             )
         request = self.store.get_request(earlier["request_id"])
-        if request is None:  # the first upload is still being stored
+        if request is None:
+            if now - earlier["created_at"] > STORING_GRACE:
+                return None
             raise IdempotencyConflict(
                 "the first upload with this key is still being stored; retry in a moment"
             )
@@ -262,7 +238,7 @@ class Services:
     def metrics(self) -> bytes:
         """The Prometheus exposition: every process's counters plus the database's figures."""
         self.ensure_ready()
-        return render_metrics(self.store)
+        return render_metrics(self.store, self.settings.stall_seconds)
 
     def recent(self, owner: str | None, limit: int, before: str | None = None) -> dict[str, Any]:
         """One page of the owner's requests, newest first, and the cursor of the next page."""

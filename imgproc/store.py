@@ -9,9 +9,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 import gridfs
 from bson import ObjectId
@@ -20,6 +19,7 @@ from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError
 
+from imgproc.documents import EPOCH, Counters, Doc, ProductWrite, product_id
 from imgproc.models import (
     TERMINAL_IMAGE,
     ImageStatus,
@@ -29,35 +29,31 @@ from imgproc.models import (
     utcnow,
 )
 
-Doc = dict[str, Any]
-
 # The database cannot be reached (down, restarting, no primary): callers answer 503 or retry.
 DatabaseDown = ConnectionFailure
 DatabaseError = PyMongoError
 
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ACTIVE = [RequestStatus.PENDING.value, RequestStatus.PROCESSING.value]
 _OPEN_PRODUCT = [ProductStatus.PENDING.value, ProductStatus.PROCESSING.value]
 _TERMINAL_IMAGE = [s.value for s in TERMINAL_IMAGE]
 
-__all__ = ["DatabaseDown", "DatabaseError", "ProductWrite", "Store", "connect", "product_id"]
+__all__ = ["Claim", "DatabaseDown", "DatabaseError", "Store", "connect"]
 
-MAX_ROWS = 10_000_000  # product ids carry the row in 7 digits
 ID_CHUNK = 100
 
 
-def product_id(request_id: str, row: int) -> str:
-    """A product's ``_id``: unique per (request, row) and sorting in input order."""
-    return f"{request_id}:{row:07d}"
+@dataclass(frozen=True)
+class Claim:
+    """A request this process has just claimed, and how its previous holder left it.
 
+    ``takeover``: the previous holder's lease ran out without a release (it died, or lost
+    touch for a whole lease), so the products it had handed to its pool (rows below
+    ``suspect_rows``) may include the one that killed it.
+    """
 
-@dataclass
-class ProductWrite:
-    """Outcomes of some of a product's images, and its final status when they finish it."""
-
-    product_id: str
-    outcomes: dict[int, Doc] = field(default_factory=dict)
-    finished: ProductStatus | None = None
+    request: Doc
+    takeover: bool
+    suspect_rows: int
 
 
 def connect(uri: str, *, timeout_ms: int, pool_size: int) -> MongoClient[Doc]:
@@ -144,6 +140,17 @@ class Store:
             waiting += max(0, request.get("images_total", 0) - finished)
         return waiting
 
+    def stalled_requests(self, quiet_seconds: float) -> int:
+        """Requests being processed that have recorded no progress for ``quiet_seconds``:
+        work held while nothing moves (a storage outage, a stuck host, a bug)."""
+        now = self.clock()
+        return self.requests.count_documents(
+            {
+                "status": RequestStatus.PROCESSING.value,
+                "progress_at": {"$lt": now - timedelta(seconds=quiet_seconds)},
+            }
+        )
+
     # ---- upload ------------------------------------------------------------------------
 
     def create_request(self, request: Doc, products: list[Doc]) -> None:
@@ -183,6 +190,29 @@ class Store:
         if expired is not None:
             return None
         return self.idempotency.find_one({"_id": key})
+
+    def take_over_idempotency_key(
+        self, key: str, abandoned: str, request_id: str, digest: str
+    ) -> Doc | None:
+        """Move a reservation whose upload never got stored to ``request_id``: None when
+        moved, else the reservation as it is now (someone else moved it first)."""
+        now = self.clock()
+        moved = self.idempotency.find_one_and_update(
+            {"_id": key, "request_id": abandoned},
+            {"$set": {"request_id": request_id, "digest": digest, "created_at": now}},
+        )
+        if moved is not None:
+            return None
+        current = self.idempotency.find_one({"_id": key})
+        if current is not None:
+            return current
+        try:  # removed meanwhile (expired): reserve afresh
+            self.idempotency.insert_one(
+                {"_id": key, "request_id": request_id, "digest": digest, "created_at": now}
+            )
+            return None
+        except DuplicateKeyError:
+            return self.idempotency.find_one({"_id": key})
 
     def release_idempotency_key(self, key: str, request_id: str) -> None:
         """Drop a reservation whose request could not be stored."""
@@ -310,23 +340,38 @@ class Store:
 
     # ---- claims and leases -------------------------------------------------------------
 
-    def claim_request(self, owner: str, lease_seconds: float) -> Doc | None:
+    def claim_request(self, owner: str, lease_seconds: float) -> Claim | None:
         """Atomically take one unfinished request whose lease is free or expired."""
         now = self.clock()
-        return self.requests.find_one_and_update(
+        lease_until = now + timedelta(seconds=lease_seconds)
+        before = self.requests.find_one_and_update(
             {"status": {"$in": _ACTIVE}, "lease_until": {"$lt": now}},
             {
                 "$set": {
                     "status": RequestStatus.PROCESSING.value,
                     "lease_owner": owner,
-                    "lease_until": now + timedelta(seconds=lease_seconds),
+                    "lease_until": lease_until,
                     "updated_at": now,
                 },
                 "$inc": {"claims": 1, "version": 1},
             },
             sort=[("lease_until", ASCENDING)],
-            return_document=ReturnDocument.AFTER,
+            return_document=ReturnDocument.BEFORE,
         )
+        if before is None:
+            return None
+        previous = before.get("lease_owner")
+        request = {
+            **before,
+            "status": RequestStatus.PROCESSING.value,
+            "lease_owner": owner,
+            "lease_until": lease_until,
+            "updated_at": now,
+            "claims": before.get("claims", 0) + 1,
+            "version": before.get("version", 0) + 1,
+        }
+        takeover = previous is not None and previous != owner
+        return Claim(request, takeover, int(before.get("fed_rows", 0)) if takeover else 0)
 
     def renew_lease(self, request_id: str, owner: str, lease_seconds: float) -> bool:
         """Extend our lease; False when another process has taken the request over."""
@@ -337,12 +382,17 @@ class Store:
         )
         return result.matched_count == 1
 
-    def release_lease(self, request_id: str, owner: str) -> None:
-        """Give the request back so any process can claim it at once."""
-        self.requests.update_one(
-            {"_id": request_id, "lease_owner": owner},
-            {"$set": {"lease_until": EPOCH, "lease_owner": None}},
-        )
+    def release_lease(
+        self, request_id: str, owner: str, *, retry_at: datetime | None = None
+    ) -> None:
+        """Hand the request back cleanly: nothing of ours is in flight any more, so the next
+        claim is not a take-over after a crash. Any process may claim it from ``retry_at``
+        (now by default; later after a pass that could not make progress)."""
+        sets: Doc = {"lease_until": retry_at or EPOCH, "lease_owner": None, "fed_rows": 0}
+        update: Doc = {"$set": sets, "$inc": {"version": 1}}
+        if retry_at is not None:
+            update["$inc"]["stalls"] = 1
+        self.requests.update_one({"_id": request_id, "lease_owner": owner}, update)
 
     # ---- per-image work ----------------------------------------------------------------
 
@@ -353,7 +403,7 @@ class Store:
             start,
             stop,
             {"status": {"$in": _OPEN_PRODUCT}},
-            {"row": 1, "images": 1, "status": 1, "attempts": 1},
+            {"row": 1, "images": 1, "status": 1},
         )
 
     def mark_fed(self, request_id: str, fed_rows: int) -> None:
@@ -364,35 +414,38 @@ class Store:
             {"$max": {"fed_rows": fed_rows}, "$inc": {"version": 1}},
         )
 
-    def start_product(self, product_id: str) -> None:
-        """Count one more attempt at a product (done for suspects after a take-over)."""
-        self.products.update_one(
-            {"_id": product_id},
-            {"$set": {"status": ProductStatus.PROCESSING.value}, "$inc": {"attempts": 1}},
-        )
+    def count_attempt(self, product: str, index: int) -> None:
+        """Count one more attempt at an image a dead process may have died of (written before
+        the image is decoded, so a death while decoding it is counted against it)."""
+        self.products.update_one({"_id": product}, {"$inc": {f"images.{index}.attempts": 1}})
 
     def record_outcomes(self, writes: list[ProductWrite]) -> int:
-        """Write image outcomes (and finished products' status), each image once.
+        """Write image outcomes and finished products' status, each image once.
 
-        One update per product, conditional on every image it writes being unfinished
-        (and, when it finishes the product, on the product being open), all in one round
-        trip. Returns how many products were written; fewer than ``len(writes)`` means
-        another process got there first for some.
+        Per product, in one ordered round trip: the outcomes, conditional on every image
+        they write being unfinished; then, when the write finishes the product, its final
+        status, conditional on the product being open and on every one of its images being
+        finished in the database (not only in this job's memory). Returns how many updates
+        modified a document: fewer than the writes' ``operations`` means someone else got
+        there first, or the database disagrees with the job, and the counters are recomputed.
         """
-        if not writes:
-            return 0
         operations = []
         for write in writes:
-            query: Doc = {"_id": write.product_id}
-            sets: Doc = {}
-            for index, outcome in write.outcomes.items():
-                query[f"images.{index}.status"] = {"$nin": _TERMINAL_IMAGE}
-                sets.update({f"images.{index}.{k}": v for k, v in outcome.items()})
+            if write.outcomes:
+                query: Doc = {"_id": write.product_id}
+                sets: Doc = {}
+                for index, outcome in write.outcomes.items():
+                    query[f"images.{index}.status"] = {"$nin": _TERMINAL_IMAGE}
+                    sets.update({f"images.{index}.{k}": v for k, v in outcome.items()})
+                operations.append(UpdateOne(query, {"$set": sets}))
             if write.finished is not None:
-                query["status"] = {"$in": _OPEN_PRODUCT}
-                sets["status"] = write.finished.value
-            operations.append(UpdateOne(query, {"$set": sets}))
-        return self.products.bulk_write(operations, ordered=False).modified_count
+                finished: Doc = {"_id": write.product_id, "status": {"$in": _OPEN_PRODUCT}}
+                for index in range(write.image_count):
+                    finished[f"images.{index}.status"] = {"$in": _TERMINAL_IMAGE}
+                operations.append(UpdateOne(finished, {"$set": {"status": write.finished.value}}))
+        if not operations:
+            return 0
+        return self.products.bulk_write(operations, ordered=True).modified_count
 
     def add_progress(self, request_id: str, *, done: int, failed: int, products: int) -> None:
         """Bump the request's live counters."""
@@ -406,54 +459,65 @@ class Store:
                     "products_done": products,
                     "version": 1,
                 },
-                "$set": {"updated_at": now},
+                "$set": {"updated_at": now, "progress_at": now, "stalls": 0},
             },
         )
 
-    def count_outcomes(self, request_id: str, total: int) -> Doc:
-        """Counters recomputed from the products (the truth, whatever the live counters say)."""
-        counts = {"images_done": 0, "images_failed": 0, "products_done": 0, "open_images": 0}
+    def count_outcomes(self, request_id: str, total: int) -> Counters:
+        """Counters recomputed from the products (the truth, whatever the live counters say),
+        and the products marked finished although one of their images is open."""
+        done = failed = products_done = open_images = 0
+        misfinished: list[str] = []
         projection = {"images.status": 1, "status": 1}
         for start in range(0, total, 1000):
             for product in self.products_in_rows(
                 request_id, start, min(total, start + 1000), projection=projection
             ):
+                still_open = 0
                 for image in product["images"]:
                     status = image["status"]
                     if status == ImageStatus.DONE:
-                        counts["images_done"] += 1
+                        done += 1
                     elif status == ImageStatus.FAILED:
-                        counts["images_failed"] += 1
+                        failed += 1
                     else:
-                        counts["open_images"] += 1
+                        still_open += 1
+                open_images += still_open
                 if product["status"] not in _OPEN_PRODUCT:
-                    counts["products_done"] += 1
-        return counts
+                    if still_open:
+                        misfinished.append(product["_id"])
+                    else:
+                        products_done += 1
+        return Counters(done, failed, products_done, open_images, tuple(misfinished))
 
-    def set_counters(self, request_id: str, counts: Doc) -> None:
-        """Overwrite the live counters with recomputed ones (after a take-over)."""
+    def reopen_products(self, ids: list[str]) -> int:
+        """Mark products open again that are marked finished while an image is open (an
+        outcome lost with a database that broke its word), so the next pass redoes it."""
+        if not ids:
+            return 0
+        result = self.products.update_many(
+            {"_id": {"$in": ids}, "images": {"$elemMatch": {"status": {"$nin": _TERMINAL_IMAGE}}}},
+            {"$set": {"status": ProductStatus.PROCESSING.value}},
+        )
+        return result.modified_count
+
+    def set_counters(self, request_id: str, counts: Counters) -> None:
+        """Overwrite the live counters with recomputed ones."""
         self.requests.update_one(
             {"_id": request_id},
-            {
-                "$set": {k: counts[k] for k in ("images_done", "images_failed", "products_done")},
-                "$inc": {"version": 1},
-            },
+            {"$set": counts.fields(), "$inc": {"version": 1}},
         )
 
-    def finish_request(
-        self, request_id: str, status: RequestStatus, counts: Doc, *, has_webhook: bool
-    ) -> bool:
+    def finish_request(self, request_id: str, counts: Counters, *, has_webhook: bool) -> bool:
         """The terminal transition, exactly once; queues the webhook in the same update."""
         now = self.clock()
         sets: Doc = {
-            "status": status.value,
+            "status": counts.terminal_status().value,
             "completed_at": now,
             "updated_at": now,
             "lease_owner": None,
             "lease_until": EPOCH,
-            "images_done": counts["images_done"],
-            "images_failed": counts["images_failed"],
-            "products_done": counts["products_done"],
+            **counts.fields(),
         }
         if has_webhook:
             sets["webhook.status"] = WebhookStatus.PENDING.value

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -125,3 +128,29 @@ def test_bad_idempotency_key(client: FlaskClient, key: str) -> None:
 @pytest.fixture
 def client(make_app: Callable[..., Flask]) -> FlaskClient:
     return make_app(start_worker=False).test_client()
+
+
+def test_a_key_whose_upload_failed_to_store_is_free_again(client: FlaskClient, mongo: Any) -> None:
+    """What an upload that lost its database mid-way leaves: a reservation of the key with
+    no request behind it. Retried past the storing grace, the key stores a new request;
+    within it, the retry is told to wait (the first upload may still be storing)."""
+    digest = hashlib.sha256(ROWS).hexdigest()
+    now = datetime.now(UTC)
+    abandoned = {"request_id": str(uuid.uuid4()), "digest": digest}
+    mongo.idempotency_keys.insert_many(
+        [
+            {"_id": "-:stale", **abandoned, "created_at": now - timedelta(minutes=1)},
+            {"_id": "-:fresh", **abandoned, "created_at": now},
+        ]
+    )
+    retried = post(client, ROWS, {"Idempotency-Key": "stale"})
+    assert retried.status_code == 202
+    request_id = retried.get_json()["request_id"]
+    assert request_id != abandoned["request_id"]
+    assert post(client, ROWS, {"Idempotency-Key": "stale"}).get_json()["request_id"] == request_id
+    assert mongo.processing_requests.count_documents({}) == 1
+
+    waiting = assert_error(
+        post(client, ROWS, {"Idempotency-Key": "fresh"}), 409, "idempotency_conflict"
+    )
+    assert "still being stored" in waiting["message"]

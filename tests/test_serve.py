@@ -123,5 +123,8 @@ def test_sigterm_finishes_images_in_flight_and_releases_the_lease(
         body = wait_terminal_http(second.url, request_id, timeout=40)
         assert body["status"] == "completed"
         assert body["progress"]["images_done"] == 12
+        # A graceful stop is a clean hand-over, not a crash: no suspects, no attempts counted.
+        assert "taken over" not in second.log.read_text()
+        assert all("attempts" not in i for p in mongo.products.find() for i in p["images"])
     finally:
         second.stop()

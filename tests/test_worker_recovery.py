@@ -3,18 +3,18 @@ nothing lost and nothing that was done redone."""
 
 from __future__ import annotations
 
-import threading
+import io
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+from PIL import Image
 from pytest_httpserver import HTTPServer
-from werkzeug import Request, Response
 
-from tests.conftest import csv_bytes, make_image, serve_slowly
-from tests.processes import start_gunicorn, wait_images_done, wait_terminal_http
+from tests.conftest import csv_bytes, make_image, serve, serve_slowly
+from tests.processes import Service, start_gunicorn, wait_images_done, wait_terminal_http
 
 pytestmark = pytest.mark.slow
 
@@ -88,33 +88,42 @@ def test_sigkill_mid_batch_then_restart(
         second.stop()
 
 
+def slow_to_decode() -> bytes:
+    """A real 25-megapixel PNG of 85 KB that takes the codec most of a second."""
+    image = Image.linear_gradient("L").resize((5000, 5000)).convert("RGB")
+    out = io.BytesIO()
+    image.save(out, "PNG", compress_level=9)
+    return out.getvalue()
+
+
+def kill_while_decoding(service: Service, row: int, timeout: float = 30) -> None:
+    """SIGKILL ``service`` the moment its log says it is decoding image 0 of ``row``: what an
+    image that crashes its decoder (a segfault, the OOM killer) does to a process."""
+    marker = f"row {row} image 0: decoding"
+    deadline = time.monotonic() + timeout
+    while marker not in service.log.read_text():
+        assert time.monotonic() < deadline, f"row {row} never reached the codec"
+        time.sleep(0.01)
+    service.kill()
+
+
 def test_an_image_that_kills_its_process_every_time_is_given_up(
-    image_host: HTTPServer, mongo_uri: str, db_name: str, tmp_path: Path
+    image_host: HTTPServer, mongo_uri: str, db_name: str, mongo: Any, tmp_path: Path
 ) -> None:
-    """A poison image (here: a host that hangs while the process is killed) fails with a
-    reason after IMGPROC_MAX_IMAGE_ATTEMPTS counted attempts, its neighbour does not, and the
-    batch completes. The first run's crash counts nothing (the batch ran at full speed, with
-    nothing written per product before it started); each take-over then works on the dead
-    owner's products one at a time, counting each attempt."""
-    poison_hits = threading.Semaphore(0)
-
-    def hang(_request: Request) -> Response:
-        poison_hits.release()
-        time.sleep(30)
-        return Response(b"", content_type="image/jpeg")
-
-    image_host.expect_request("/poison.jpg").respond_with_handler(hang)
-    good = image_host.url_for("/good.jpg")
-    image_host.expect_request("/good.jpg").respond_with_data(
-        make_image(), content_type="image/jpeg"
-    )
+    """A poison image, here one the process is killed in the middle of decoding, every
+    time, fails with a reason after IMGPROC_MAX_IMAGE_ATTEMPTS counted attempts; its
+    neighbour does not, and the batch completes. The first run's death counts nothing (the
+    pool had many images in flight: which one killed it is unknown); each take-over sends
+    the dead owner's open products through the codec one at a time, counting each attempt
+    just before, so the death is charged to the image being decoded and to no other."""
+    poison = serve(image_host, "/poison.png", slow_to_decode(), "image/png")
+    fine = serve(image_host, "/fine.jpg", make_image())
     env = {
         **service_env(mongo_uri, db_name, tmp_path / "data"),
         "IMGPROC_LEASE_SECONDS": "2",
-        "IMGPROC_FETCH_ATTEMPTS": "1",
-        "IMGPROC_READ_TIMEOUT": "60",
+        "IMGPROC_LOG_LEVEL": "DEBUG",
     }
-    rows = [(1, "Poison", [image_host.url_for("/poison.jpg")]), (2, "Fine", [good])]
+    rows = [(1, "Poison", [poison]), (2, "Fine", [fine])]
 
     request_id = None
     for attempt in range(4):
@@ -127,19 +136,20 @@ def test_an_image_that_kills_its_process_every_time_is_given_up(
                     timeout=10,
                 )
                 request_id = created.json()["request_id"]
-            assert poison_hits.acquire(timeout=30), f"attempt {attempt}: poison never fetched"
-            service.kill()
+            kill_while_decoding(service, row=0)
         finally:
             service.stop()
+        attempts = mongo.products.find_one({"_id": f"{request_id}:0000000"})["images"][0]
+        assert attempts.get("attempts", 0) == attempt  # run 0 is not a take-over
 
     last = start_gunicorn(env, tmp_path / "last.log")
     try:
         body = wait_terminal_http(last.url, request_id, timeout=30)
-        poison, fine = body["products"]
-        assert poison["images"][0]["status"] == "failed"
-        assert poison["images"][0]["error"] == "gave up after 3 attempts"
-        assert fine["images"][0]["status"] == "done"
+        poisoned, neighbour = body["products"]
+        assert poisoned["images"][0]["status"] == "failed"
+        assert poisoned["images"][0]["error"] == "gave up after 3 attempts"
+        assert neighbour["images"][0]["status"] == "done"
         assert body["status"] == "completed_with_errors"
-        assert not poison_hits.acquire(timeout=0.5)  # not fetched a fourth time
+        assert "row 0 image 0: decoding" not in last.log.read_text()  # not tried a fifth time
     finally:
         last.stop()

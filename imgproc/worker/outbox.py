@@ -1,0 +1,91 @@
+"""The webhook outbox: due deliveries are claimed from the database like requests, POSTed
+from a small pool of their own (a slow receiver never holds an image thread), and the
+outcome is written back: delivered, the next retry time, or failed once the delays are used
+up. Delivery is at least once, under one ``webhook-id`` per request."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
+
+from imgproc import metrics
+from imgproc.config import Settings
+from imgproc.documents import Doc
+from imgproc.logs import about
+from imgproc.reports import base_url, webhook_payload
+from imgproc.store import Store
+from imgproc.webhooks import WebhookSender, message_id
+
+log = logging.getLogger(__name__)
+
+CLAIM_SECONDS = 120.0  # a claimed delivery is due again after this, should its process die
+
+
+def next_attempt_at(
+    attempts_before: int, ok: bool, delays: tuple[float, ...], now: datetime
+) -> datetime | None:
+    """When to try again after an attempt: None when delivered or when the delays are used up."""
+    if ok or attempts_before >= len(delays):
+        return None
+    return now + timedelta(seconds=delays[attempts_before])
+
+
+class Outbox:
+    """Claims due webhooks and delivers them."""
+
+    def __init__(self, settings: Settings, store: Store, sender: WebhookSender, owner: str) -> None:
+        self.settings = settings
+        self.store = store
+        self.sender = sender
+        self.owner = owner
+        self._executor = ThreadPoolExecutor(2, thread_name_prefix="imgproc-webhook")
+
+    def claim_due(self, stopping: Callable[[], bool]) -> None:
+        """Claim every due delivery and queue it (the claim pushes its due time ahead)."""
+        while not stopping():
+            request = self.store.claim_webhook(self.owner, CLAIM_SECONDS)
+            if request is None:
+                return
+            self._executor.submit(self.deliver, request)
+
+    def deliver(self, request: Doc) -> None:
+        """POST one request's completion event and record the attempt; never raises."""
+        request_id = str(request["_id"])
+        with about(request_id):
+            try:
+                self._deliver(request_id, request)
+            except Exception:
+                # The claim expires and the delivery is tried again; never kill the thread.
+                log.exception("request %s: webhook delivery crashed", request_id)
+
+    def _deliver(self, request_id: str, request: Doc) -> None:
+        hook = request["webhook"]
+        now = self.store.clock()
+        root = base_url(request, self.settings.public_url)
+        delivery = self.sender.deliver(
+            hook["url"], message_id(request_id), webhook_payload(request, root), now
+        )
+        attempt = int(hook.get("attempts", 0))  # attempts before this one
+        retry_at = next_attempt_at(attempt, delivery.ok, self.settings.webhook_retry_delays, now)
+        self.store.record_webhook_attempt(
+            request_id, self.owner, delivered=delivery.ok, error=delivery.error, retry_at=retry_at
+        )
+        outcome = "delivered" if delivery.ok else "retrying" if retry_at else "failed"
+        metrics.WEBHOOKS.labels(outcome).inc()
+        if delivery.ok:
+            log.info("request %s: webhook delivered", request_id)
+            return
+        log.log(
+            logging.WARNING if retry_at else logging.ERROR,
+            "request %s: webhook attempt %d failed: %s%s",
+            request_id,
+            attempt + 1,
+            delivery.error,
+            "" if retry_at else " (giving up)",
+        )
+
+    def shutdown(self) -> None:
+        """Drop queued deliveries (their claims expire and they are tried again)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,108 @@
+"""Liveness: trouble on our side never fails an image, a request never sits held while
+nothing moves, and a graceful stop hands work over cleanly (not as a crash)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from flask import Flask
+from pytest_httpserver import HTTPServer
+
+from tests.conftest import (
+    csv_bytes,
+    get_closed,
+    make_image,
+    serve,
+    serve_slowly,
+    upload,
+    wait_terminal,
+)
+
+
+def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_storage_outage_leaves_images_unfinished_until_it_is_over(
+    make_app: Callable[..., Flask],
+    image_host: HTTPServer,
+    mongo: Any,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    images = tmp_path / "data" / "images"
+    images.parent.mkdir(parents=True)
+    images.write_text("a file where the image directory should be: every put fails")
+    urls = [serve(image_host, f"/s{i}.jpg", make_image(300 + i, 200)) for i in range(3)]
+    app = make_app(stall_seconds=0.5)
+    client = app.test_client()
+    request_id = upload(client, csv_bytes([(1, "A", urls[:2]), (2, "B", urls[2:])])).get_json()[
+        "request_id"
+    ]
+
+    deadline = time.monotonic() + 20
+    while mongo.processing_requests.find_one({"_id": request_id}).get("stalls", 0) < 2:
+        assert time.monotonic() < deadline, "never handed back after a pass without progress"
+        time.sleep(0.05)
+    body = client.get(f"/csv/status/{request_id}").get_json()
+    assert body["status"] == "processing"
+    assert body["progress"]["images_done"] == body["progress"]["images_failed"] == 0
+    assert all(i["status"] != "failed" for p in body["products"] for i in p["images"])
+    assert "imgproc_requests_stalled 1.0" in client.get("/metrics").get_data(as_text=True)
+
+    images.unlink()  # the storage is back
+    body = wait_terminal(client, request_id, timeout=60)
+    assert body["status"] == "completed"
+    assert body["progress"]["images_done"] == 3
+    for product in body["products"]:
+        for url in product["output_image_urls"]:
+            assert get_closed(client, url).status_code == 200
+    assert "imgproc_requests_stalled 0.0" in client.get("/metrics").get_data(as_text=True)
+    assert errors_logged(caplog) == []
+    assert "left for another pass" in caplog.text
+
+
+def test_a_graceful_stop_mid_batch_records_what_ran_and_hands_over_cleanly(
+    make_app: Callable[..., Flask],
+    image_host: HTTPServer,
+    mongo: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    paths = [f"/g{i}.jpg" for i in range(16)]
+    hits = serve_slowly(image_host, paths, 0.4)
+    rows = [(i + 1, f"P{i}", [image_host.url_for(p)]) for i, p in enumerate(paths)]
+    first = make_app(workers=4)
+    request_id = upload(first.test_client(), csv_bytes(rows)).get_json()["request_id"]
+    deadline = time.monotonic() + 20
+    while mongo.processing_requests.find_one({"_id": request_id})["images_done"] < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+    first.extensions["imgproc"].close(grace=5)  # returns once its job threads are done
+
+    request = mongo.processing_requests.find_one({"_id": request_id})
+    assert request["lease_owner"] is None and request["fed_rows"] == 0  # a clean hand-over
+    products = list(mongo.products.find({"request_id": request_id}))
+    statuses = [p["images"][0]["status"] for p in products]
+    assert "failed" not in statuses
+    assert request["images_done"] == statuses.count("done") >= 2  # in flight: finished, counted
+    assert errors_logged(caplog) == []
+
+    second = make_app(workers=4)
+    body = wait_terminal(second.test_client(), request_id, timeout=60)
+    assert body["status"] == "completed" and body["progress"]["images_done"] == 16
+    assert "taken over" not in caplog.text  # not treated as a crash...
+    assert all("attempts" not in i for p in mongo.products.find() for i in p["images"])
+    done_before = [
+        urlsplit(p["images"][0]["input_url"]).path
+        for p in products
+        if p["images"][0]["status"] == "done"
+    ]
+    assert all(hits[path] == 1 for path in done_before)  # ...and nothing done was fetched again
+    assert all(hits[path] >= 1 for path in paths)

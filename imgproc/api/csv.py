@@ -13,7 +13,7 @@ from imgproc import auth, logs
 from imgproc.api import services
 from imgproc.api.openapi import doc, error_responses, json_response
 from imgproc.config import human_bytes
-from imgproc.csv_input import parse_csv
+from imgproc.csv_input import parse_upload
 from imgproc.errors import (
     InvalidCsv,
     InvalidField,
@@ -100,7 +100,9 @@ def upload() -> tuple[dict[str, Any], int, dict[str, str]]:
     except ValidationError as exc:
         raise _field_errors(exc) from None
     data = _read_upload(request.files, settings.max_upload_bytes)
-    parsed = parse_csv(data, max_rows=settings.max_rows, max_urls_per_row=settings.max_urls_per_row)
+    parsed = parse_upload(
+        data, max_rows=settings.max_rows, max_urls_per_row=settings.max_urls_per_row
+    )
     options = UploadOptions(form["quality"], form["output_format"], form["webhook_url"])
     root = (settings.public_url or request.host_url).rstrip("/")
     created = svc.submit(
@@ -113,7 +115,10 @@ def upload() -> tuple[dict[str, Any], int, dict[str, str]]:
     )
     logs.bind(created.request_id)  # the access line is about this request from here on
     status_url = f"{root}/csv/status/{created.request_id}"
-    body = created_schema.dump({**created.__dict__, "status_url": status_url})
+    answer = {**created.__dict__, "status_url": status_url}
+    if parsed.encoding is not None:  # a text file (a workbook has no encoding to report)
+        answer["encoding"] = parsed.encoding
+    body = created_schema.dump(answer)
     return body, 202 if created.new else 200, {"Location": status_url}
 
 

@@ -31,6 +31,26 @@ from imgproc.schemas import (
 
 bp = Blueprint("csv", __name__)
 
+UPLOAD_RULES = """\
+The `file` is a CSV with the columns `S. No.`, `Product Name` and `Input Image Urls`
+(names matched case-insensitively, any order, extra columns kept for the output CSV), or an
+Excel `.xlsx` workbook whose first sheet holds that table (known by its content, whatever
+the file name; row numbers in errors are the sheet's).
+
+- Delimiter: comma, semicolon or tab, detected from the header line.
+- Encoding: UTF-8 with or without BOM, UTF-16 with BOM, or another 8-bit code page
+  (Windows-125x, Mac Roman, ...) detected from the text; the answer's `encoding` says
+  which was used. A file whose encoding cannot be told apart is refused: save it as
+  "CSV UTF-8".
+- URLs in a cell: separated by whitespace or line breaks, or by commas, semicolons or
+  pipes before the next `http(s)://`; a comma inside a URL stays in it. At most 50.
+- Workbooks: formulas are read as their saved values (never evaluated), external links
+  are ignored, ZIP and XML bombs are refused; `.xls`, `.xlsb`, `.ods` and
+  password-protected files are refused with what to do.
+- Limits: 10 MiB, 10,000 product rows, 100 columns (configurable). All or nothing: every
+  problem is listed with its row and column, and nothing is stored.
+"""
+
 
 def _field_errors(exc: ValidationError) -> InvalidField:
     messages = exc.normalized_messages()  # type: ignore[no-untyped-call]
@@ -71,6 +91,7 @@ def _idempotency_key() -> str | None:
 @bp.post("/upload/")
 @doc(
     summary="Upload a CSV of products and image URLs",
+    description=UPLOAD_RULES,
     tags=["requests"],
     parameters=[
         {

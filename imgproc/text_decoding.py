@@ -103,6 +103,8 @@ def decode_text(data: bytes) -> Decoded:
     """The text of ``data``: by its byte-order mark, as UTF-8, or by detection."""
     if not data.strip():
         raise InvalidCsv("the file is empty")
+    if data.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):  # before UTF-16's
+        raise InvalidCsv("the file is UTF-32 text; " + SAVE_AS_UTF8)
     if data.startswith(codecs.BOM_UTF8):
         return Decoded(_strict(data[3:], "utf-8"), "utf-8")
     for bom, name in ((codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be")):

@@ -287,8 +287,9 @@ def test_a_file_whose_code_page_cannot_be_told_is_refused_with_what_to_do() -> N
         (b"\xff\xfe" + table().encode("utf-16-le")[:-1], "is not UTF-16-LE text"),
         (b"\xef\xbb\xbf" + table().encode("cp1252"), "is not UTF-8 text (bad bytes at offset"),
         (b"\xff\xfe" + f"{HEADER}\n1,A\x00,http://x\n".encode("utf-16-le"), "NUL character"),
+        (table().encode("utf-32"), 'the file is UTF-32 text; save it as "CSV UTF-8"'),
     ],
-    ids=["utf-16-without-bom", "odd-utf-16", "bom-then-cp1252", "nul-in-utf-16"],
+    ids=["utf-16-without-bom", "odd-utf-16", "bom-then-cp1252", "nul-in-utf-16", "utf-32"],
 )
 def test_broken_encodings_say_what_to_do(data: bytes, message: str) -> None:
     with pytest.raises(InvalidCsv) as caught:

@@ -11,11 +11,15 @@ import functools
 import io
 import os
 import struct
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
 from PIL import Image, ImageCms, ImageOps, ImageSequence, UnidentifiedImageError
 
+from imgproc import image_headers
 from imgproc.models import OutputFormat
 
 # Formats we decode; anything else (EPS, PSD, ICO, SVG, ...) is refused before decoding.
@@ -71,10 +75,66 @@ class Encoded:
 
 @functools.cache
 def _register_plugins() -> None:
-    """HEIC/HEIF decoding through pillow-heif (AVIF is built into Pillow), once, at first use."""
+    """HEIC/HEIF decoding through pillow-heif (AVIF is built into Pillow), once, at first use.
+
+    Pillow's own decompression-bomb limit is turned off: it would refuse (or only warn)
+    at its fixed 89 megapixels with a message of its own, while the caps the user set are
+    checked here, from the headers, before anything is allocated."""
     from pillow_heif import register_heif_opener
 
     register_heif_opener()
+    Image.MAX_IMAGE_PIXELS = None
+
+
+# Where an exception comes from decides what it means: raised inside the image libraries it
+# is about the file (or a library flaw no image should crash us with); raised in our own
+# code it is a bug and stays one.
+_LIBRARIES = ("PIL", "pillow_heif")
+_OURS = ("imgproc",)
+
+
+def _raised_in_library(exc: BaseException) -> bool:
+    """True when the innermost frame of ours or a library's that raised ``exc`` is a
+    library's (standard-library frames in between, such as struct or fractions, are skipped)."""
+    innermost = None
+    tb = exc.__traceback__
+    while tb is not None:
+        module = str(tb.tb_frame.f_globals.get("__name__", "")).split(".", 1)[0]
+        if module in _LIBRARIES or module in _OURS:
+            innermost = module
+        tb = tb.tb_next
+    return innermost in _LIBRARIES
+
+
+def _detail(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 80 else text[:79] + "…"
+
+
+@contextmanager
+def _image_errors(reason: str) -> Iterator[None]:
+    """Turn what the image libraries raise about a file into CodecError(reason (detail))."""
+    try:
+        yield
+    except CodecError:
+        raise
+    except MemoryError:
+        raise CodecError("not enough memory to process the image") from None
+    except Image.DecompressionBombError:
+        raise CodecError("too many pixels (decompression bomb refused)") from None
+    except UnidentifiedImageError:
+        raise CodecError("not an image, or an unsupported image format") from None
+    except Exception as exc:
+        if not _raised_in_library(exc):
+            raise
+        raise CodecError(f"{reason} ({_detail(exc)})") from None
+
+
+def _quiet_image_warnings() -> None:
+    """Pillow's warnings about a file (odd EXIF, palette transparency, ...) are not ours to
+    raise; set per call because a test's warning filters are reset between tests."""
+    for category in (UserWarning, RuntimeWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(PIL|pillow_heif)(\.|$)")
 
 
 def _save(image: Image.Image, fmt: str, **options: Any) -> bytes:
@@ -85,14 +145,15 @@ def _save(image: Image.Image, fmt: str, **options: Any) -> bytes:
     encodes one image at a time whatever the cores. An anonymous memory file gives it a
     descriptor without touching a disk; the bytes are the same.
     """
-    if not hasattr(os, "memfd_create"):  # not Linux
-        out = io.BytesIO()
-        image.save(out, fmt, **options)
-        return out.getvalue()
-    with os.fdopen(os.memfd_create("imgproc-encode", os.MFD_CLOEXEC), "w+b") as handle:
-        image.save(handle, fmt, **options)
-        handle.seek(0)
-        return handle.read()
+    with _image_errors("cannot encode the image"):
+        if not hasattr(os, "memfd_create"):  # not Linux
+            out = io.BytesIO()
+            image.save(out, fmt, **options)
+            return out.getvalue()
+        with os.fdopen(os.memfd_create("imgproc-encode", os.MFD_CLOEXEC), "w+b") as handle:
+            image.save(handle, fmt, **options)
+            handle.seek(0)
+            return handle.read()
 
 
 @functools.cache
@@ -103,29 +164,95 @@ def _srgb_profile() -> ImageCms.ImageCmsProfile:
 # ---- decoding ------------------------------------------------------------------------------
 
 
+def _too_many_pixels(width: int, height: int, max_pixels: int) -> CodecError:
+    return CodecError(
+        f"too many pixels: {width}x{height} is over the limit of {max_pixels:,} pixels"
+    )
+
+
+def _check_headers(data: bytes, max_pixels: int) -> None:
+    """The caps on what the container headers say, before Pillow sees the bytes."""
+    geometry = image_headers.scan(data)
+    if geometry is None:
+        return
+    width, height = geometry.width, geometry.height
+    if width * height > max_pixels:
+        raise _too_many_pixels(width, height, max_pixels)
+    count = max(len(geometry.frames), geometry.declared_frames)
+    if count > MAX_FRAMES:
+        raise CodecError(f"too many frames: {count} frames of {width}x{height}")
+    right, bottom = width, height
+    for number, frame in enumerate(geometry.frames, 1):
+        if frame.right <= width and frame.bottom <= height:
+            continue
+        # Pillow grows a GIF's canvas to fit such a frame (as browsers do); APNG and WebP
+        # forbid it. Either way a frame may not take the canvas past the pixel cap.
+        right, bottom = max(right, frame.right), max(bottom, frame.bottom)
+        if geometry.format != "GIF" or right * bottom > max_pixels:
+            raise CodecError(
+                f"animation frame outside the image: frame {number} is {frame.width}x"
+                f"{frame.height} at ({frame.x},{frame.y}) on a {width}x{height} canvas"
+            )
+    if right * bottom * max(count, 1) > 4 * max_pixels:
+        raise CodecError(f"too many frames: {count} frames of {right}x{bottom}")
+
+
+# Signatures of the accepted formats: a file that starts like one but that no plugin can
+# open is a damaged image of that format, not "not an image".
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (image_headers.PNG_SIGNATURE, "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+
+
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1")
+
+
+def _damaged_format(data: bytes) -> str | None:
+    for signature, name in _SIGNATURES:
+        if data.startswith(signature):
+            return name
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    if data[4:8] == b"ftyp" and data[8:12] in (b"avif", b"avis"):
+        return "AVIF"
+    if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+        return "HEIF"
+    return None
+
+
 def _open(data: bytes, max_pixels: int) -> Image.Image:
-    _register_plugins()
+    _check_headers(data, max_pixels)
     try:
         image = Image.open(io.BytesIO(data), formats=INPUT_FORMATS)
-    except Image.DecompressionBombError:
-        raise CodecError("too many pixels (decompression bomb refused)") from None
     except UnidentifiedImageError:
-        raise CodecError("not an image, or an unsupported image format") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise CodecError(f"truncated or corrupt image ({exc})") from None
+        damaged = _damaged_format(data)
+        if damaged is None:
+            raise
+        raise CodecError(f"truncated or corrupt image (unreadable {damaged} header)") from None
     width, height = image.size
     if width * height > max_pixels:
-        raise CodecError(
-            f"too many pixels: {width}x{height} is over the limit of {max_pixels:,} pixels"
-        )
+        raise _too_many_pixels(width, height, max_pixels)
     frames = getattr(image, "n_frames", 1)
     if frames > MAX_FRAMES or width * height * frames > 4 * max_pixels:
         raise CodecError(f"too many frames: {frames} frames of {width}x{height}")
-    try:
-        image.load()
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise CodecError(f"truncated or corrupt image ({exc})") from None
+    image.load()
     return image
+
+
+def _exif(image: Image.Image) -> Image.Exif:
+    """The image's EXIF, or none when it is too damaged to read (the pixels may be fine)."""
+    try:
+        return image.getexif()
+    except Exception as exc:
+        if not _raised_in_library(exc):
+            raise
+        return Image.Exif()
 
 
 @functools.lru_cache(maxsize=64)
@@ -245,20 +372,42 @@ def _encode_still(
 
 def _encode_animation(image: Image.Image, quality: int, extra: dict[str, Any]) -> bytes:
     frames, durations = [], []
+    size = image.size
     for frame in ImageSequence.Iterator(image):
-        frames.append(frame.convert("RGBA"))
-        durations.append(int(frame.info.get("duration", image.info.get("duration", 100)) or 100))
+        rgba = frame.convert("RGBA")
+        if rgba.size != size:  # a GIF frame that grew the canvas: cut to the first frame's
+            rgba = rgba.crop((0, 0, *size))
+        frames.append(rgba)
+        durations.append(_duration(frame.info.get("duration", image.info.get("duration"))))
     return _save(
         frames[0],
         "WEBP",
         save_all=True,
         append_images=frames[1:],
         duration=durations,
-        loop=int(image.info.get("loop", 0)),
+        loop=_loop(image.info.get("loop")),
         quality=quality,
         **WEBP_SETTINGS,
         **extra,
     )
+
+
+def _loop(value: Any) -> int:
+    """How many times an animation plays (0: for ever); 0 for a nonsensical value."""
+    try:
+        loop = int(value)
+    except (TypeError, ValueError, OverflowError):
+        return 0
+    return loop if 0 <= loop <= 65535 else 0
+
+
+def _duration(value: Any) -> int:
+    """A frame's display time in ms; 100 for a missing, zero or nonsensical one."""
+    try:
+        duration = int(value)
+    except (TypeError, ValueError, OverflowError):
+        return 100
+    return duration if 0 < duration <= 65535 else 100
 
 
 def _target(output_format: OutputFormat, alpha: bool, animated: bool) -> str:
@@ -276,11 +425,26 @@ def compress(
     keep_metadata: bool = False,
     jpeg_optimize: bool = False,
 ) -> Encoded:
-    """Decode ``data`` and re-encode it at ``quality``, keeping dimensions and appearance."""
+    """Decode ``data`` and re-encode it at ``quality``, keeping dimensions and appearance;
+    CodecError with a short reason when the file cannot be, whatever is wrong with it."""
+    _register_plugins()
+    _quiet_image_warnings()
+    with _image_errors("truncated or corrupt image"):
+        return _compress(data, quality, output_format, max_pixels, keep_metadata, jpeg_optimize)
+
+
+def _compress(
+    data: bytes,
+    quality: int,
+    output_format: OutputFormat,
+    max_pixels: int,
+    keep_metadata: bool,
+    jpeg_optimize: bool,
+) -> Encoded:
     image = _open(data, max_pixels)
     input_format = image.format or "unknown"
     frames = getattr(image, "n_frames", 1) if input_format in ANIMATED_FORMATS else 1
-    exif = image.getexif()
+    exif = _exif(image)
     orientation = exif.get(ORIENTATION, 1)
     icc = image.info.get("icc_profile") or None
     alpha = _has_alpha(image)
@@ -296,8 +460,8 @@ def compress(
     if frames > 1 and target == "WEBP":
         if icc and not _is_srgb(icc):
             extra["icc_profile"] = icc
+        width, height = image.size  # before the frames are read: a GIF's canvas may grow
         encoded = _encode_animation(image, quality, extra)
-        width, height = image.size
     else:
         # exif_transpose copies the whole image even when there is nothing to turn.
         still = ImageOps.exif_transpose(image) if orientation not in (1, None) else image

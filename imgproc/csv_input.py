@@ -1,22 +1,29 @@
-"""CSV bytes -> validated rows; every problem reported with its row and column.
+"""An uploaded table -> validated rows; every problem reported with its row and column.
 
+A CSV is read in whatever encoding and delimiter its spreadsheet tool wrote (see
+text_decoding); an .xlsx workbook's first sheet (see xlsx_input) goes through the same rules.
 Row numbers are spreadsheet row numbers: the header is row 1, the first product row 2.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from marshmallow import ValidationError
 
+from imgproc import xlsx_input
 from imgproc.errors import InvalidCsv
 from imgproc.models import ParsedCsv, ProductRow
 from imgproc.schemas import ROLE_COLUMNS, CsvRowSchema
+from imgproc.text_decoding import decode_text
 
 MAX_DETAILS = 100
+MAX_COLUMNS = 100
 
 # Header names are compared with case, spaces and punctuation removed, so "S. No.",
 # "S.No.", "S No" and "sno" all match.
@@ -55,23 +62,6 @@ class _Problems:
         raise InvalidCsv(f"the CSV has {self.total} {noun}{suffix}", self.details)
 
 
-def decode(data: bytes) -> str:
-    """UTF-8 text without a byte-order mark, or InvalidCsv saying where it is not."""
-    if not data.strip():
-        raise InvalidCsv("the file is empty")
-    nul = data.find(b"\x00")
-    if nul >= 0:
-        raise InvalidCsv(f"the file contains a NUL byte at offset {nul}; is it really a CSV?")
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise InvalidCsv(
-            f"the file is not UTF-8 text (bad byte at line {line}, "
-            f"offset {exc.start}); save it as CSV UTF-8"
-        ) from None
-
-
 def _claim_serial(
     serials: dict[int, int], serial: int | None, row_number: int, problems: _Problems
 ) -> bool:
@@ -89,88 +79,168 @@ def _claim_serial(
     return True
 
 
-def _roles(header: list[str], problems: _Problems) -> dict[str, int]:
+def _roles(header: list[str], header_row: int, problems: _Problems) -> dict[str, int]:
     roles: dict[str, int] = {}
     seen: dict[str, int] = {}
     for index, name in enumerate(header):
         key = _header_key(name)
         if key in seen and key:
-            problems.add(1, name.strip(), f"duplicate column (also column {seen[key] + 1})")
+            problems.add(
+                header_row, name.strip(), f"duplicate column (also column {seen[key] + 1})"
+            )
         seen.setdefault(key, index)
         role = _HEADER_ALIASES.get(key)
         if role and role not in roles:
             roles[role] = index
     for role, column in ROLE_COLUMNS.items():
         if role not in roles:
-            problems.add(1, column, f"missing column '{column}'")
+            problems.add(header_row, column, f"missing column '{column}'")
     return roles
 
 
-def parse_csv(data: bytes, *, max_rows: int, max_urls_per_row: int) -> ParsedCsv:
-    """Validate a whole CSV file; raise InvalidCsv listing every problem found."""
-    text = decode(data)
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    problems = _Problems()
-    try:
-        header = [h.strip() for h in next(reader)]
-    except StopIteration:
-        raise InvalidCsv("the file is empty") from None
-    except csv.Error as exc:
-        raise InvalidCsv(f"row 1 cannot be read as CSV: {exc}") from None
-    roles = _roles(header, problems)
-    problems.raise_if_any()
+DELIMITERS = (",", ";", "\t")
 
-    schema = CsvRowSchema(max_urls=max_urls_per_row)
-    rows: list[ProductRow] = []
-    serials: dict[int, int] = {}
-    row_number = 1
+
+class _Unreadable(Exception):
+    """A row that cannot be read at all; ends the reading with a problem on that row."""
+
+    def __init__(self, row: int, message: str) -> None:
+        super().__init__(message)
+        self.row = row
+        self.message = message
+
+
+Rows = Iterator[tuple[int, list[str]]]  # (spreadsheet row number, cells), header first
+
+
+def parse_upload(data: bytes, *, max_rows: int, max_urls_per_row: int) -> ParsedCsv:
+    """Validate an uploaded file, a CSV or an .xlsx workbook; InvalidCsv lists every problem."""
+    if xlsx_input.is_office_file(data):
+        rows = xlsx_input.first_sheet_rows(data, max_columns=MAX_COLUMNS)
+        return _validate(rows, max_rows=max_rows, max_urls_per_row=max_urls_per_row)
+    return parse_csv(data, max_rows=max_rows, max_urls_per_row=max_urls_per_row)
+
+
+def parse_csv(data: bytes, *, max_rows: int, max_urls_per_row: int) -> ParsedCsv:
+    """Validate a CSV in any of the encodings and delimiters API.md lists."""
+    decoded = decode_text(data)
+    rows = _csv_rows(decoded.text, _delimiter(decoded.text))
+    parsed = _validate(rows, max_rows=max_rows, max_urls_per_row=max_urls_per_row)
+    return dataclasses.replace(parsed, encoding=decoded.encoding)
+
+
+def _delimiter(text: str) -> str:
+    """The delimiter that splits the header line into the most known column names (not the
+    most frequent character: URL cells may well hold semicolons or commas)."""
+
+    def known(delimiter: str) -> int:
+        try:
+            header = next(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter))
+        except (csv.Error, StopIteration):
+            return 0
+        return len({_HEADER_ALIASES.get(_header_key(name)) for name in header} - {None})
+
+    return max(DELIMITERS, key=known)  # ties go to the first: comma
+
+
+def _csv_rows(text: str, delimiter: str) -> Rows:
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    row_number = 0
     while True:
         row_number += 1
         try:
             cells = next(reader)
         except StopIteration:
-            break
+            return
         except csv.Error as exc:
-            problems.add(row_number, None, f"cannot be read as CSV: {exc}")
-            break
-        if not any(c.strip() for c in cells):
-            continue  # blank lines, common at the end of exported files
-        if len(rows) >= max_rows:
-            raise InvalidCsv(f"the file has more than {max_rows} product rows")
-        while len(cells) > len(header) and not cells[-1].strip():
-            cells.pop()  # trailing empty cells, as spreadsheets often write
-        if len(cells) > len(header):
-            problems.add(
-                row_number, None, f"has {len(cells)} cells but the header has {len(header)} columns"
-            )
-            continue
-        cells += [""] * (len(header) - len(cells))
-        raw = {role: cells[index] for role, index in roles.items()}
-        try:
-            loaded = schema.load(raw)
-        except ValidationError as exc:
-            for role, messages in sorted(
-                _flatten(exc.messages).items(), key=lambda item: roles.get(item[0], 0)
-            ):
-                for message in messages:
-                    problems.add(row_number, ROLE_COLUMNS.get(role, role), message)
-            # A row with other problems still claims its serial number: a later duplicate of
-            # it is a problem of its own, reported now rather than after the first fix.
-            valid = exc.valid_data if isinstance(exc.valid_data, dict) else {}
-            _claim_serial(serials, valid.get("serial_number"), row_number, problems)
-            continue
-        if not _claim_serial(serials, loaded["serial_number"], row_number, problems):
-            continue
-        extra = {
-            name: cells[i]
-            for i, name in enumerate(header)
-            if i not in roles.values() and name != OUTPUT_COLUMN
-        }
-        rows.append(ProductRow(row=row_number, extra=extra, **loaded))
-    if not rows and not problems.total:
+            raise _Unreadable(row_number, f"cannot be read as CSV: {exc}") from None
+        yield row_number, cells
+
+
+def _validate(rows: Rows, *, max_rows: int, max_urls_per_row: int) -> ParsedCsv:
+    """The header and product rows of a table, validated all or nothing."""
+    problems = _Problems()
+    try:
+        header_row, header = _header(rows)
+    except _Unreadable as exc:
+        raise InvalidCsv(f"row {exc.row} {exc.message}") from None
+    if len(header) > MAX_COLUMNS:
+        raise InvalidCsv(f"the header has more than {MAX_COLUMNS} columns")
+    roles = _roles(header, header_row, problems)
+    problems.raise_if_any()
+
+    schema = CsvRowSchema(max_urls=max_urls_per_row)
+    parsed_rows: list[ProductRow] = []
+    serials: dict[int, int] = {}
+    try:
+        for row_number, cells in rows:
+            if not any(c.strip() for c in cells):
+                continue  # blank lines, common at the end of exported files
+            if len(parsed_rows) >= max_rows:
+                raise InvalidCsv(f"the file has more than {max_rows} product rows")
+            row = _product(header, roles, schema, serials, row_number, cells, problems)
+            if row is not None:
+                parsed_rows.append(row)
+    except _Unreadable as exc:
+        problems.add(exc.row, None, exc.message)
+    if not parsed_rows and not problems.total:
         raise InvalidCsv("the file has a header but no product rows")
     problems.raise_if_any()
-    return ParsedCsv(header=header, roles=roles, rows=rows)
+    return ParsedCsv(header=header, roles=roles, rows=parsed_rows)
+
+
+def _header(rows: Rows) -> tuple[int, list[str]]:
+    """The first row that is not blank, its trailing empty cells dropped."""
+    for number, cells in rows:
+        if any(c.strip() for c in cells):
+            header = [h.strip() for h in cells]
+            while not header[-1]:
+                header.pop()
+            return number, header
+    raise InvalidCsv("the file is empty")
+
+
+def _product(
+    header: list[str],
+    roles: dict[str, int],
+    schema: CsvRowSchema,
+    serials: dict[int, int],
+    row_number: int,
+    cells: list[str],
+    problems: _Problems,
+) -> ProductRow | None:
+    """One validated product row, or None with its problems recorded."""
+    cells = list(cells)
+    while len(cells) > len(header) and not cells[-1].strip():
+        cells.pop()  # trailing empty cells, as spreadsheets often write
+    if len(cells) > len(header):
+        problems.add(
+            row_number, None, f"has {len(cells)} cells but the header has {len(header)} columns"
+        )
+        return None
+    cells += [""] * (len(header) - len(cells))
+    raw = {role: cells[index] for role, index in roles.items()}
+    try:
+        loaded = schema.load(raw)
+    except ValidationError as exc:
+        for role, messages in sorted(
+            _flatten(exc.messages).items(), key=lambda item: roles.get(item[0], 0)
+        ):
+            for message in messages:
+                problems.add(row_number, ROLE_COLUMNS.get(role, role), message)
+        # A row with other problems still claims its serial number: a later duplicate of
+        # it is a problem of its own, reported now rather than after the first fix.
+        valid = exc.valid_data if isinstance(exc.valid_data, dict) else {}
+        _claim_serial(serials, valid.get("serial_number"), row_number, problems)
+        return None
+    if not _claim_serial(serials, loaded["serial_number"], row_number, problems):
+        return None
+    extra = {
+        name: cells[i]
+        for i, name in enumerate(header)
+        if i not in roles.values() and name != OUTPUT_COLUMN
+    }
+    return ProductRow(row=row_number, extra=extra, **loaded)
 
 
 def _flatten(messages: Any) -> dict[str, list[str]]:

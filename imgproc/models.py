@@ -82,11 +82,13 @@ class ProductRow:
 
 @dataclass(frozen=True)
 class ParsedCsv:
-    """A validated CSV: its header (for the output CSV) and its rows in input order."""
+    """A validated CSV: its header (for the output CSV), its rows in input order and, for a
+    text file, the encoding it was read with (None for a workbook)."""
 
     header: list[str]
     roles: dict[str, int]
     rows: list[ProductRow]
+    encoding: str | None = None
 
     @property
     def image_count(self) -> int:

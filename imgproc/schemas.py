@@ -34,7 +34,12 @@ ROLE_COLUMNS = {
     "input_urls": "Input Image Urls",
 }
 MAX_URL_LENGTH = 2048
-_URL_SPLIT = re.compile(r"\s*,\s*")
+# URLs in a cell are separated by whitespace and line breaks anywhere, and by commas,
+# semicolons and pipes where a new http(s) URL follows. A comma that does not start a new
+# URL belongs to the URL (https://cdn.example/w_300,h_200/a.jpg); any piece that is not a
+# URL of its own is an error, so a cell is never silently read as different URLs.
+_URL_SPLIT = re.compile(r"\s+|[,;|]+\s*(?=https?://)", re.IGNORECASE)
+_URL_SEPARATORS = ",;|"
 _BAD_URL_CHARS = re.compile(r"[\s\x00-\x1f\x7f]")
 
 
@@ -59,12 +64,18 @@ def check_http_url(value: str) -> str:
     return url
 
 
+def split_urls(cell: str) -> list[str]:
+    """The URLs of one cell, split by the rule above; separators around them dropped."""
+    pieces = (piece.strip(_URL_SEPARATORS) for piece in _URL_SPLIT.split(cell))
+    return [piece for piece in pieces if piece]
+
+
 class UrlList(fields.Field[list[str]]):
-    """A cell of comma-separated http(s) URLs (spaces and newlines around them ignored)."""
+    """A cell of http(s) URLs separated by commas, semicolons, pipes, whitespace or lines."""
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> list[str]:
         max_urls: int = getattr(self.parent, "max_urls", 50)
-        pieces = [p for p in _URL_SPLIT.split(str(value).strip()) if p]
+        pieces = split_urls(str(value))
         if not pieces:
             raise ValidationError("no image URL")
         if len(pieces) > max_urls:
@@ -191,6 +202,13 @@ class CreatedSchema(Schema):
     status_url = fields.String(required=True)
     products = fields.Integer(required=True)
     images = fields.Integer(required=True)
+    encoding = fields.String(
+        metadata={
+            "description": "the encoding a CSV was read with (utf-8, utf-16-le, utf-16-be, "
+            "or a detected code page such as cp1252 or mac-roman); absent for an .xlsx "
+            "workbook"
+        }
+    )
 
 
 class ProgressSchema(Schema):

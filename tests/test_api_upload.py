@@ -49,7 +49,8 @@ def test_accepted_upload(client: FlaskClient, mongo: Any, path: str) -> None:
     response = upload(client, GOOD, path=path)
     assert response.status_code == 202
     body = response.get_json()
-    assert set(body) == {"request_id", "status", "status_url", "products", "images"}
+    assert set(body) == {"request_id", "status", "status_url", "products", "images", "encoding"}
+    assert body["encoding"] == "utf-8"
     assert uuid.UUID(body["request_id"]).version == 4
     assert body["status"] == "pending"
     assert body["products"] == 2 and body["images"] == 3

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from imgproc.csv_input import MAX_DETAILS, parse_csv
+from imgproc.csv_input import MAX_COLUMNS, MAX_DETAILS, parse_csv
 from imgproc.errors import InvalidCsv
 
 HEADER = "S. No.,Product Name,Input Image Urls"
@@ -168,7 +168,7 @@ def test_too_many_cells_and_short_rows() -> None:
         (b"\n\n", "the file is empty"),
         (HEADER.encode() + b"\n", "the file has a header but no product rows"),
         (HEADER.encode() + b"\n1,A\x00,http://x\n", "NUL byte at offset 40"),
-        (HEADER.encode() + b"\n1,Caf\xe9,http://x.example/a.jpg\n", "not UTF-8 text"),
+        (bytes(range(128, 256)) * 4, "neither UTF-8 text nor text in a code page"),
     ],
 )
 def test_unreadable_files(data: bytes, message: str) -> None:
@@ -192,3 +192,182 @@ def test_unterminated_quote_is_reported_with_its_row() -> None:
 def test_blank_lines_are_ignored() -> None:
     parsed = parse(f"{HEADER}\n\n1,A,http://x.example/a.jpg\n,,\n\n")
     assert [r.serial_number for r in parsed.rows] == [1]
+
+
+# ---- files as spreadsheet tools write them -------------------------------------------------
+
+NAME = "Café crème – 250 g®"
+
+
+def table(
+    delimiter: str = ",", names: tuple[str, str] = (NAME, "Thé vert"), eol: str = "\r\n"
+) -> str:
+    """Two products as a spreadsheet exports them (CRLF, the URL list quoted)."""
+    quote = '"' if delimiter != "\t" else ""
+    return eol.join(
+        [
+            delimiter.join(["S. No.", "Product Name", "Input Image Urls"]),
+            delimiter.join(["1", names[0], "https://img.example.com/cafe.jpg"]),
+            delimiter.join(
+                [
+                    "2",
+                    names[1],
+                    f"{quote}https://img.example.com/a.jpg,https://img.example.com/b.jpg{quote}",
+                ]
+            ),
+            "",
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "encoding"),
+    [
+        (table().encode("utf-8"), "utf-8"),
+        (b"\xef\xbb\xbf" + table(";").encode("utf-8"), "utf-8"),  # Excel "CSV UTF-8", EU locale
+        (b"\xff\xfe" + table("\t").encode("utf-16-le"), "utf-16-le"),  # Excel "Unicode Text"
+        (b"\xfe\xff" + table("\t").encode("utf-16-be"), "utf-16-be"),
+        (table().encode("cp1252"), "cp1252"),  # Excel "CSV (Comma delimited)", Windows
+        (table(";").encode("cp1252"), "cp1252"),
+        (table().encode("mac_roman"), "mac-roman"),  # Excel for Mac "Comma Separated Values"
+    ],
+    ids=[
+        "utf-8",
+        "utf-8-bom-semicolon",
+        "utf-16-le-tab",
+        "utf-16-be-tab",
+        "cp1252",
+        "cp1252-semicolon",
+        "mac-roman",
+    ],
+)
+def test_spreadsheet_exports_keep_the_names(data: bytes, encoding: str) -> None:
+    parsed = parse(data)
+    assert parsed.encoding == encoding
+    assert [(r.serial_number, r.product_name) for r in parsed.rows] == [(1, NAME), (2, "Thé vert")]
+    assert parsed.rows[1].input_urls == [
+        "https://img.example.com/a.jpg",
+        "https://img.example.com/b.jpg",
+    ]
+    assert parsed.header == ["S. No.", "Product Name", "Input Image Urls"]
+
+
+@pytest.mark.parametrize(
+    ("names", "code_page"),
+    [
+        (("Zażółć gęślą jaźń", "Kawa"), "cp1250"),
+        (("Káva zrnková č. 1", "Čaj zelený"), "cp1250"),
+        (("Кофе молотый 250 г", "Чай зелёный"), "cp1251"),
+        (("Ελληνικός καφές", "Τσάι"), "cp1253"),
+        (("Türk kahvesi ğış", "Çay"), "cp1254"),
+        (("Größe Weiß Übergröße", "Kaffee"), "mac_roman"),
+        (("コーヒー豆 250g", "緑茶"), "cp932"),
+    ],
+)
+def test_other_code_pages_are_detected(names: tuple[str, str], code_page: str) -> None:
+    parsed = parse(table(";", names).encode(code_page))
+    assert [r.product_name for r in parsed.rows] == list(names)
+
+
+def test_a_file_whose_code_page_cannot_be_told_is_refused_with_what_to_do() -> None:
+    # Three Cyrillic letters in Windows-1251 read just as well as Greek in Windows-1253.
+    data = f"{HEADER}\n1,Заказ,http://x.example/a.jpg\n".encode("cp1251")
+    with pytest.raises(InvalidCsv) as caught:
+        parse(data)
+    message = caught.value.message
+    assert message.startswith("cannot tell the file's encoding: line 2 reads")
+    assert "'1,Заказ,http://x.example/a.jpg' as cp1251" in message
+    assert message.endswith('save it as "CSV UTF-8" in your spreadsheet app and upload it again')
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (table().encode("utf-16-le"), "looks like UTF-16 text without a byte-order mark"),
+        (b"\xff\xfe" + table().encode("utf-16-le")[:-1], "is not UTF-16-LE text"),
+        (b"\xef\xbb\xbf" + table().encode("cp1252"), "is not UTF-8 text (bad bytes at offset"),
+        (b"\xff\xfe" + f"{HEADER}\n1,A\x00,http://x\n".encode("utf-16-le"), "NUL character"),
+        (table().encode("utf-32"), 'the file is UTF-32 text; save it as "CSV UTF-8"'),
+    ],
+    ids=["utf-16-without-bom", "odd-utf-16", "bom-then-cp1252", "nul-in-utf-16", "utf-32"],
+)
+def test_broken_encodings_say_what_to_do(data: bytes, message: str) -> None:
+    with pytest.raises(InvalidCsv) as caught:
+        parse(data)
+    assert message in caught.value.message
+
+
+def test_a_comma_file_with_semicolons_in_its_urls_stays_comma_separated() -> None:
+    parsed = parse(
+        f'{HEADER}\n1,A,"https://x.example/a.jpg;https://x.example/b.jpg"\n2,B,https://x.example/c;v=2.jpg\n'
+    )
+    assert parsed.rows[0].input_urls == ["https://x.example/a.jpg", "https://x.example/b.jpg"]
+    assert parsed.rows[1].input_urls == ["https://x.example/c;v=2.jpg"]
+
+
+def test_a_semicolon_file_with_commas_in_its_urls_stays_semicolon_separated() -> None:
+    parsed = parse(
+        "S. No.;Product Name;Input Image Urls\n1;A, the big one;https://x.example/a.jpg,https://x.example/b.jpg\n"
+    )
+    assert parsed.rows[0].product_name == "A, the big one"
+    assert parsed.rows[0].input_urls == ["https://x.example/a.jpg", "https://x.example/b.jpg"]
+
+
+def test_quoted_tab_separated_header_and_unknown_delimiter() -> None:
+    parsed = parse('"S. No."\t"Product Name"\t"Input Image Urls"\n1\tA\thttps://x.example/a.jpg\n')
+    assert parsed.rows[0].input_urls == ["https://x.example/a.jpg"]
+    assert details("S. No.:Product Name:Input Image Urls\n1:A:https://x.example/a.jpg\n")[0] == {
+        "row": 1,
+        "column": "S. No.",
+        "message": "missing column 'S. No.'",
+    }
+
+
+A, B, C = "https://a.example/1.jpg", "http://b.example/2.png", "https://c.example/3.webp"
+
+
+@pytest.mark.parametrize(
+    "cell",
+    [
+        f"{A},{B},{C}",
+        f"{A};{B};{C}",
+        f"{A}|{B}|{C}",
+        f"{A} {B}\t{C}",
+        f"{A}\n{B}\n{C}",  # Alt+Enter in Excel
+        f"{A}\r\n{B}\r\n{C}\r\n",
+        f" {A} , {B} ;\n {C} ,",
+        f"{A},,{B} | {C}",
+        f"{A},{B.upper().replace('HTTP', 'Http')},{C}",
+    ],
+    ids=["comma", "semicolon", "pipe", "spaces-tab", "lines", "crlf", "mixed", "doubled", "case"],
+)
+def test_urls_in_a_cell_are_split_on_every_separator(cell: str) -> None:
+    urls = parse(f'{HEADER}\n1,A,"{cell}"\n').rows[0].input_urls
+    assert len(urls) == 3
+    assert [u.lower() for u in urls] == [A, B, C]
+
+
+def test_a_comma_or_semicolon_inside_a_url_stays_in_it() -> None:
+    transformed = "https://res.example.com/image/upload/w_300,h_200,c_fill/sku.jpg"
+    matrix = "https://x.example/img;w=300;h=200/a.jpg?crop=1,2,3,4"
+    parsed = parse(f'{HEADER}\n1,A,"{transformed},{matrix}"\n')
+    assert parsed.rows[0].input_urls == [transformed, matrix]
+
+
+def test_a_piece_that_is_not_a_url_is_an_error_not_a_silent_change() -> None:
+    assert details(f'{HEADER}\n1,A,"https://x.example/a.jpg, b.jpg; www.example.com/c.jpg"\n') == [
+        {"row": 2, "column": "Input Image Urls", "message": "not an http(s) URL: 'b.jpg'"},
+        {
+            "row": 2,
+            "column": "Input Image Urls",
+            "message": "not an http(s) URL: 'www.example.com/c.jpg'",
+        },
+    ]
+
+
+def test_blank_lines_before_the_header_and_a_too_wide_header() -> None:
+    parsed = parse(f"\n\n{HEADER}\n1,A,http://x.example/a.jpg\n")
+    assert [r.row for r in parsed.rows] == [4]
+    wide = HEADER + "".join(f",extra {i}" for i in range(MAX_COLUMNS))
+    with pytest.raises(InvalidCsv, match=f"more than {MAX_COLUMNS} columns"):
+        parse(f"{wide}\n1,A,http://x.example/a.jpg\n")

@@ -13,7 +13,7 @@ from imgproc import auth, logs
 from imgproc.api import services
 from imgproc.api.openapi import doc, error_responses, json_response
 from imgproc.config import human_bytes
-from imgproc.csv_input import parse_csv
+from imgproc.csv_input import parse_upload
 from imgproc.errors import (
     InvalidCsv,
     InvalidField,
@@ -30,6 +30,26 @@ from imgproc.schemas import (
 )
 
 bp = Blueprint("csv", __name__)
+
+UPLOAD_RULES = """\
+The `file` is a CSV with the columns `S. No.`, `Product Name` and `Input Image Urls`
+(names matched case-insensitively, any order, extra columns kept for the output CSV), or an
+Excel `.xlsx` workbook whose first sheet holds that table (known by its content, whatever
+the file name; row numbers in errors are the sheet's).
+
+- Delimiter: comma, semicolon or tab, detected from the header line.
+- Encoding: UTF-8 with or without BOM, UTF-16 with BOM, or another 8-bit code page
+  (Windows-125x, Mac Roman, ...) detected from the text; the answer's `encoding` says
+  which was used. A file whose encoding cannot be told apart is refused: save it as
+  "CSV UTF-8".
+- URLs in a cell: separated by whitespace or line breaks, or by commas, semicolons or
+  pipes before the next `http(s)://`; a comma inside a URL stays in it. At most 50.
+- Workbooks: formulas are read as their saved values (never evaluated), external links
+  are ignored, ZIP and XML bombs are refused; `.xls`, `.xlsb`, `.ods` and
+  password-protected files are refused with what to do.
+- Limits: 10 MiB, 10,000 product rows, 100 columns (configurable). All or nothing: every
+  problem is listed with its row and column, and nothing is stored.
+"""
 
 
 def _field_errors(exc: ValidationError) -> InvalidField:
@@ -71,6 +91,7 @@ def _idempotency_key() -> str | None:
 @bp.post("/upload/")
 @doc(
     summary="Upload a CSV of products and image URLs",
+    description=UPLOAD_RULES,
     tags=["requests"],
     parameters=[
         {
@@ -100,7 +121,9 @@ def upload() -> tuple[dict[str, Any], int, dict[str, str]]:
     except ValidationError as exc:
         raise _field_errors(exc) from None
     data = _read_upload(request.files, settings.max_upload_bytes)
-    parsed = parse_csv(data, max_rows=settings.max_rows, max_urls_per_row=settings.max_urls_per_row)
+    parsed = parse_upload(
+        data, max_rows=settings.max_rows, max_urls_per_row=settings.max_urls_per_row
+    )
     options = UploadOptions(form["quality"], form["output_format"], form["webhook_url"])
     root = (settings.public_url or request.host_url).rstrip("/")
     created = svc.submit(
@@ -113,7 +136,10 @@ def upload() -> tuple[dict[str, Any], int, dict[str, str]]:
     )
     logs.bind(created.request_id)  # the access line is about this request from here on
     status_url = f"{root}/csv/status/{created.request_id}"
-    body = created_schema.dump({**created.__dict__, "status_url": status_url})
+    answer = {**created.__dict__, "status_url": status_url}
+    if parsed.encoding is not None:  # a text file (a workbook has no encoding to report)
+        answer["encoding"] = parsed.encoding
+    body = created_schema.dump(answer)
     return body, 202 if created.new else 200, {"Location": status_url}
 
 

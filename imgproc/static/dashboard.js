@@ -154,7 +154,7 @@ function setUpUpload() {
   });
   const chose = () => {
     const chosen = file.files[0];
-    $("file-label").textContent = chosen ? `${chosen.name} · ${bytes(chosen.size)}` : "Choose a CSV or drop it here";
+    $("file-label").textContent = chosen ? `${chosen.name} · ${bytes(chosen.size)}` : "Choose a CSV or .xlsx, or drop it here";
     drop.classList.toggle("chosen", Boolean(chosen));
   };
   file.addEventListener("change", chose);

@@ -525,6 +525,8 @@ def _strip_jpeg(data: bytes) -> bytes:
             pos += 2
             continue
         (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        if pos + 2 + length > len(data):
+            raise ValueError("segment runs past the end of the file")
         if marker not in _JPEG_DROP:
             out += data[pos : pos + 2 + length]
         pos += 2 + length
@@ -538,19 +540,30 @@ def _strip_png(data: bytes) -> bytes:
         (length,) = struct.unpack(">I", data[pos : pos + 4])
         kind = data[pos + 4 : pos + 8]
         end = pos + 12 + length
+        if end > len(data):
+            raise ValueError("chunk runs past the end of the file")
         if kind not in _PNG_DROP:
             out += data[pos:end]
         pos = end
+        if kind == b"IEND":
+            break  # what follows is not part of the image (decoders ignore it too)
     return bytes(out)
 
 
 def _strip_webp(data: bytes) -> bytes:
+    # Only what the RIFF header claims is the image; decoders ignore anything after it.
+    (riff_size,) = struct.unpack("<I", data[4:8])
+    stop = 8 + riff_size
+    if stop > len(data):
+        raise ValueError("RIFF size runs past the end of the file")
     body = bytearray()
     pos = 12
-    while pos < len(data):
+    while pos < stop:
         kind = data[pos : pos + 4]
         (length,) = struct.unpack("<I", data[pos + 4 : pos + 8])
         end = pos + 8 + length + (length & 1)
+        if end > stop:
+            raise ValueError("chunk runs past the end of the RIFF")
         if kind == b"VP8X":
             chunk = bytearray(data[pos:end])
             chunk[8] &= ~(0x08 | 0x04) & 0xFF  # clear the EXIF and XMP flags

@@ -326,6 +326,25 @@ def test_odd_but_valid_images_come_out() -> None:
         Image.open(io.BytesIO(out.data)).load()
 
 
+@pytest.mark.parametrize("fmt", ["WEBP", "PNG", "JPEG"])
+def test_bytes_after_the_image_are_not_kept_with_it(fmt: str) -> None:
+    """Junk after the end of an image (after the RIFF size, IEND or EOI) is ignored by
+    decoders; an input kept as the output (never bigger) must not carry it into a broken
+    container. Found by the fuzzing below: a RIFF size short of the file, a chunk header in
+    the junk, and the metadata stripper rebuilt the RIFF around it."""
+    image = pattern(6, 4)
+    seed = (
+        animated_webp()
+        if fmt == "WEBP"
+        else save(image, fmt, **({"quality": 10} if fmt == "JPEG" else {}))
+    )
+    data = seed + b"\x07P\xc0\x88\xfe\xff\x22\xa2" + bytes(51)
+    out = compress(data, quality=95, output_format=OutputFormat(fmt.lower()), max_pixels=MAX_PIXELS)
+    decoded = Image.open(io.BytesIO(out.data))
+    decoded.load()
+    assert decoded.format == fmt
+
+
 # ---- mutations of real images in every accepted format ----------------------------------------
 
 

@@ -1,11 +1,16 @@
 """Command line: ``python -m imgproc serve`` (what ``make run`` runs), and the client
 commands ``submit`` and ``status`` (see :mod:`imgproc.cli`).
 
-``serve`` owns what it starts: Ctrl-C, SIGTERM or SIGHUP stop gunicorn gracefully and then
-the embedded database; if the launcher itself is killed, the kernel sends its children
-SIGTERM (``PR_SET_PDEATHSIG``). One launcher per data directory: it holds an exclusive
-``flock`` on ``<data dir>/imgproc.lock``, and so does every process it starts, so the
-directory stays locked until the last of them has exited.
+``serve`` owns what it starts. The launcher (the process ``make run`` runs) takes the data
+directory's lock and forks a supervisor, which starts the embedded database and gunicorn,
+and stops gunicorn gracefully and then the database. The launcher only relays Ctrl-C,
+SIGTERM and SIGHUP to the supervisor; if the launcher is killed outright, the kernel sends
+the supervisor SIGTERM (``PR_SET_PDEATHSIG``), so that stop happens in the same order.
+The supervisor's children get SIGTERM the same way should the supervisor itself die.
+
+One launcher per data directory: an exclusive ``flock`` on ``<data dir>/imgproc.lock``,
+held through inherited descriptors by every process started, so the directory stays locked
+until the last of them has exited.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import fcntl
+import functools
 import logging
 import os
 import signal
@@ -35,19 +41,33 @@ class DataDirInUse(Exception):
     """Another instance, or the processes of one that was killed, use the data directory."""
 
 
-def dies_with_this_process(sig: signal.Signals) -> Callable[[], None] | None:
-    """A ``preexec_fn`` that has the child get ``sig`` when this process dies (Linux
-    ``PR_SET_PDEATHSIG``; None elsewhere). The kernel sends it when the *thread* that forked
-    the child ends, so start children from the main thread."""
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _on_parent_death(sig: signal.Signals, parent: int) -> bool:
+    """Have the kernel send this process ``sig`` when ``parent`` dies (Linux
+    ``PR_SET_PDEATHSIG``; a no-op elsewhere); False if ``parent`` is already gone, as the
+    signal will then never come. The kernel sends it when the *thread* that forked this
+    process ends, so children are started from the main thread."""
+    if sys.platform.startswith("linux"):
+        _libc().prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    return os.getppid() == parent
+
+
+def dies_with_this_process(sig: signal.Signals) -> Callable[[], None]:
+    """A ``preexec_fn`` that has the child get ``sig`` when this process dies."""
     parent = os.getpid()
+    if sys.platform.startswith("linux"):
+        _libc()  # loaded here, not between fork and exec
 
     def preexec() -> None:
-        # If the parent died before prctl, the signal will never come: don't start at all.
-        if prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0 or os.getppid() != parent:
-            os._exit(1)
+        if not _on_parent_death(sig, parent):
+            os._exit(1)  # orphaned before it could start: don't
 
     return preexec
 
@@ -73,9 +93,10 @@ def _alive(pid: int) -> bool:
 def _owner(fd: int) -> int | None:
     """The launcher pid written in the lock file, if any."""
     try:
-        return int(os.pread(fd, 32, 0).decode().strip())
+        pid = int(os.pread(fd, 32, 0).decode().strip())
     except ValueError:
         return None
+    return pid if pid > 0 else None
 
 
 def lock_data_dir(data_dir: str, wait: float, give_up: Callable[[], bool]) -> int:
@@ -86,7 +107,8 @@ def lock_data_dir(data_dir: str, wait: float, give_up: Callable[[], bool]) -> in
     wait up to ``wait`` seconds for them, then refuse.
     """
     os.makedirs(data_dir, exist_ok=True)
-    fd = os.open(os.path.join(data_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    path = os.path.join(data_dir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     deadline: float | None = None
     while True:
         try:
@@ -106,11 +128,14 @@ def lock_data_dir(data_dir: str, wait: float, give_up: Callable[[], bool]) -> in
             log.info(
                 "waiting up to %.0f s for the processes of stopped pid %s to exit", wait, owner
             )
-        if time.monotonic() > deadline or give_up():
+        if give_up():
+            os.close(fd)
+            raise DataDirInUse(f"stopped while waiting for the processes of pid {owner} to exit")
+        if time.monotonic() > deadline:
             os.close(fd)
             raise DataDirInUse(
                 f"{data_dir} is still in use by the processes of a stopped instance "
-                f"(pid {owner}) after {wait:.0f} s; see /proc/locks or lsof {LOCK_FILE}"
+                f"(pid {owner}) after {wait:.0f} s; they hold {path} (fuser -v {path})"
             )
         time.sleep(0.1)
     os.ftruncate(fd, 0)
@@ -119,19 +144,20 @@ def lock_data_dir(data_dir: str, wait: float, give_up: Callable[[], bool]) -> in
 
 
 def _dying_owner_wait(env: dict[str, str]) -> float:
-    """How long a killed launcher's children may take to stop: gunicorn's graceful timeout
-    (the shutdown grace + 10 s, see gunicorn_conf) and a margin."""
+    """How long a killed launcher's processes may take to stop: gunicorn's graceful timeout
+    (the shutdown grace + 10 s, see gunicorn_conf), the database's stop (up to 15 s) and a
+    margin."""
     try:
         grace = float(env.get("IMGPROC_SHUTDOWN_GRACE_SECONDS", "20"))
     except ValueError:
         grace = 20.0  # load_settings() reports it
-    return grace + 15.0
+    return grace + 30.0
 
 
-class Launcher:
-    """The processes ``serve`` starts, and what a signal to the launcher does to them: the
-    first SIGINT, SIGTERM or SIGHUP stops gracefully; another SIGINT or SIGTERM kills what
-    is left. Repeated SIGHUPs are ignored: closing a terminal may send more than one."""
+class Supervisor:
+    """The processes ``serve`` starts, and what a stop signal does to them: the first
+    SIGINT, SIGTERM or SIGHUP stops gracefully; another SIGINT or SIGTERM kills what is
+    left. Repeated SIGHUPs are ignored: closing a terminal may send more than one."""
 
     def __init__(self) -> None:
         self.pid = os.getpid()
@@ -139,7 +165,7 @@ class Launcher:
         self.db: embedded_db.EmbeddedDb | None = None
         self.gunicorn: subprocess.Popen[bytes] | None = None
         self._forwarded = False
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
 
     def stopping(self) -> bool:
@@ -211,7 +237,7 @@ class Launcher:
                     "wsgi:app",
                 ],
                 env=env,
-                start_new_session=True,  # Ctrl-C reaches only the launcher, which stops it
+                start_new_session=True,  # a group of its own: killpg reaches it and its workers
                 pass_fds=(lock,),
                 preexec_fn=dies_with_this_process(signal.SIGTERM),  # graceful, as on Ctrl-C
             )
@@ -230,25 +256,81 @@ class Launcher:
         return 128 - code if code < 0 else code
 
 
+class Relay:
+    """The launcher's own part: it passes every stop signal on to the supervisor (which
+    decides what it means) and exits with the supervisor's code."""
+
+    def __init__(self) -> None:
+        self.early: list[int] = []  # received before there was a supervisor
+        self.supervisor: int | None = None
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if self.supervisor is None:
+            self.early.append(signum)
+        else:
+            os.kill(self.supervisor, signum)
+
+    def stopping(self) -> bool:
+        """Whether a stop was asked for before the supervisor started."""
+        return bool(self.early)
+
+    def relay_to(self, supervisor: int) -> None:
+        """From now on pass signals to ``supervisor``, beginning with any that came early."""
+        self.supervisor = supervisor
+        for signum in self.early:
+            os.kill(supervisor, signum)
+
+    def wait(self) -> int:
+        """The supervisor's exit code (128 + n for signal n)."""
+        assert self.supervisor is not None
+        _, status = os.waitpid(self.supervisor, 0)
+        self.supervisor = None  # reaped: its pid may be reused
+        code = os.waitstatus_to_exitcode(status)
+        return 128 - code if code < 0 else code
+
+
+def _supervise(env: dict[str, str], data_dir: str, lock: int, launcher: int) -> int:
+    """The supervisor: runs in a child forked with the stop signals blocked."""
+    # A session of its own, so a terminal's Ctrl-C reaches it once, through the launcher.
+    os.setsid()
+    supervisor = Supervisor()
+    if not _on_parent_death(signal.SIGTERM, launcher):
+        os.kill(os.getpid(), signal.SIGTERM)  # the launcher is already gone: stop at once
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    try:
+        return supervisor.run(env, data_dir, lock)
+    finally:
+        os.close(lock)
+
+
 def serve() -> int:
     """Start the embedded database (unless MONGODB_URI is set) and gunicorn; stop both,
     whatever ends the launcher."""
     logs.configure(os.environ.get("IMGPROC_LOG_LEVEL", "INFO"))
     env = dict(os.environ)
     data_dir = env.setdefault("IMGPROC_DATA_DIR", "./data")
-    launcher = Launcher()
+    relay = Relay()
     try:
-        lock = lock_data_dir(data_dir, _dying_owner_wait(env), launcher.stopping)
+        lock = lock_data_dir(data_dir, _dying_owner_wait(env), relay.stopping)
     except DataDirInUse as exc:
         log.error("%s", exc)
         return 1
     except OSError as exc:
         log.error("cannot lock the data directory %s: %s", data_dir, exc)
         return 1
-    try:
-        return launcher.run(env, data_dir, lock)
-    finally:
-        os.close(lock)
+    # Blocked across the fork: a signal relayed before the supervisor has its handlers
+    # waits for them instead of being lost.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    launcher = os.getpid()
+    supervisor = os.fork()
+    if supervisor == 0:
+        return _supervise(env, data_dir, lock, launcher)
+    os.close(lock)  # the supervisor holds it now, and hands it to every child
+    relay.relay_to(supervisor)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    return relay.wait()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 
@@ -67,42 +68,74 @@ def _listening(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _last_line(path: str, start: int) -> str:
+    """The last non-empty line written to ``path`` after offset ``start`` ("" if none)."""
+    try:
+        with open(path, "rb") as log:
+            log.seek(start)
+            lines = log.read()[-4096:].decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return next((line.strip() for line in reversed(lines) if line.strip()), "")[:300]
+
+
 def start(
     storage_path: str,
     *,
     port: int | None = None,
     log_path: str | None = None,
     timeout: float = 60.0,
+    pass_fds: Collection[int] = (),
+    preexec_fn: Callable[[], None] | None = None,
 ) -> EmbeddedDb:
-    """Start a server on 127.0.0.1 and wait until it accepts connections."""
+    """Start a server on 127.0.0.1 and wait until it accepts connections.
+
+    ``pass_fds`` and ``preexec_fn`` go to :class:`subprocess.Popen` (the launcher passes its
+    data directory lock and ties the server's life to its own). Every failure to start is an
+    :class:`EmbeddedDbError`, one line with the server's last log line and the log's path.
+    """
     port = port or free_port()
-    if storage_path != ":memory:":
-        os.makedirs(storage_path, exist_ok=True)
     log_path = log_path or os.devnull
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            [
-                server_program(),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--storage-path",
-                storage_path,
-                "--log-level",
-                "WARNING",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # Ctrl-C reaches the launcher, which stops us last
-        )
+    try:
+        if storage_path != ":memory:":
+            os.makedirs(storage_path, exist_ok=True)
+        with open(log_path, "ab") as log:
+            log_start = log.tell()
+            process = subprocess.Popen(
+                [
+                    server_program(),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--storage-path",
+                    storage_path,
+                    "--log-level",
+                    "WARNING",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # Ctrl-C reaches the launcher, which stops us last
+                pass_fds=tuple(pass_fds),
+                preexec_fn=preexec_fn,
+            )
+    except OSError as exc:
+        raise EmbeddedDbError(f"cannot start secantusd-py: {exc}") from exc
     deadline = time.monotonic() + timeout
     while not _listening(port):
         if process.poll() is not None:
-            raise EmbeddedDbError(f"secantusd-py exited with {process.returncode}; see {log_path}")
+            tail = _last_line(log_path, log_start)
+            raise EmbeddedDbError(
+                f"secantusd-py exited with {process.returncode}"
+                + (f" ({tail})" if tail else "")
+                + f"; full log in {log_path}"
+            )
         if time.monotonic() > deadline:
             process.kill()
-            raise EmbeddedDbError(f"secantusd-py did not listen on port {port} in {timeout} s")
+            process.wait()
+            raise EmbeddedDbError(
+                f"secantusd-py did not listen on port {port} in {timeout} s; see {log_path}"
+            )
         time.sleep(0.1)
     return EmbeddedDb(process, port, log_path)

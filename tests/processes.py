@@ -113,3 +113,62 @@ def wait_images_done(url: str, request_id: str, count: int, timeout: float = 30)
             return
         assert time.monotonic() < deadline, f"{request_id}: fewer than {count} images done"
         time.sleep(0.05)
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (children, their children, ...), from /proc."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for child, its_parent in parents.items():
+            if its_parent == parent and child not in found:
+                found.add(child)
+                todo.append(child)
+    return {child for child in found if not gone(child)}
+
+
+def gone(pid: int) -> bool:
+    """Whether ``pid`` has exited (no such process, or a zombie waiting to be reaped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state in ("Z", "X")
+
+
+def wait_gone(pids: set[int], timeout: float) -> float:
+    """Seconds until every one of ``pids`` has exited; fail the test at the timeout. A pid
+    seen gone once stays gone (it may be reused by a new process meanwhile)."""
+    started = time.monotonic()
+    left = set(pids)
+    while True:
+        left = {pid for pid in left if not gone(pid)}
+        elapsed = time.monotonic() - started
+        if not left:
+            return elapsed
+        assert elapsed < timeout, f"still running after {timeout}s: {sorted(left)}"
+        time.sleep(0.05)
+
+
+def spawn_process(args: list[str], env: dict[str, str], log: Path, port: int) -> Service:
+    """Like :func:`start_process`, without waiting for it to be healthy."""
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env={**os.environ, **env, "PORT": str(port)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    return Service(process, f"http://127.0.0.1:{port}", log)

@@ -80,6 +80,17 @@ class Storage(Protocol):
 
 def open_storage(settings: Settings, store: Store) -> Storage:
     """The backend ``IMGPROC_STORAGE`` names."""
+    if settings.storage == "s3":
+        from imgproc.storage.s3 import S3Storage
+
+        assert settings.s3_bucket  # validated with the settings
+        return S3Storage(
+            settings.s3_bucket,
+            prefix=settings.s3_prefix,
+            endpoint_url=settings.s3_endpoint_url,
+            # One connection for each image thread and each HTTP thread serving /images/.
+            pool_size=settings.workers + 16,
+        )
     if settings.storage == "gridfs":
         from imgproc.storage.gridfs_bucket import GridFSStorage
 

@@ -1,15 +1,19 @@
 """IMGPROC_STORAGE=s3 through the service, against a real S3-compatible server (SeaweedFS):
 outputs are objects in the bucket, served by the service at /images/<key> without a public
-base URL and straight from the bucket with one."""
+base URL and straight from the bucket with one; an S3 gateway killed mid-batch leaves no
+image failed."""
 
 from __future__ import annotations
 
 import csv
 import hashlib
 import io
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 from flask import Flask
 from pytest_httpserver import HTTPServer
@@ -21,10 +25,13 @@ from tests.conftest import (
     get_closed,
     make_image,
     serve,
+    serve_slowly,
     upload,
     wait_terminal,
 )
+from tests.processes import start_gunicorn, wait_images_done, wait_terminal_http
 from tests.s3server import S3Server
+from tests.test_worker_recovery import service_env
 
 
 def submit_and_finish(app: Flask, image_host: HTTPServer) -> tuple[dict[str, Any], list[str]]:
@@ -114,3 +121,41 @@ def test_with_a_public_url_outputs_point_at_the_bucket(
         assert served.content[:4] in (b"\xff\xd8\xff\xe0", b"\xff\xd8\xff\xdb", b"RIFF")
     private = requests.get(f"{s3.endpoint}/{S3_BUCKET}/anything.jpg", timeout=10)
     assert private.status_code == 403  # the other bucket is not public: the check means it
+
+
+@pytest.mark.slow
+def test_an_s3_gateway_killed_mid_batch_leaves_no_image_failed(
+    image_host: HTTPServer, mongo_uri: str, db_name: str, tmp_path: Path
+) -> None:
+    """Durability rule 7 with S3: while the gateway is down, images cannot be stored and stay
+    unfinished; once it is back, every image ends done and none failed. (Needs the worker
+    that treats StorageUnavailable as transient.)"""
+    server = S3Server.start(tmp_path / "s3", buckets=("outage",))
+    paths = [f"/k{i}.jpg" for i in range(24)]
+    serve_slowly(image_host, paths, 0.3, make_image(400, 300))
+    rows = [(n + 1, f"K{n}", [image_host.url_for(p)]) for n, p in enumerate(paths)]
+    env = {**service_env(mongo_uri, db_name, tmp_path / "data"), **server.env("outage")}
+    service = start_gunicorn(env, tmp_path / "service.log")
+    try:
+        created = requests.post(
+            f"{service.url}/csv/upload", files={"file": ("p.csv", csv_bytes(rows))}, timeout=10
+        )
+        request_id = created.json()["request_id"]
+        wait_images_done(service.url, request_id, 3)
+        server.kill_gateway()
+        progress = requests.get(f"{service.url}/csv/status/{request_id}", timeout=5).json()
+        assert progress["progress"]["images_done"] < len(paths)  # killed mid-batch
+        time.sleep(3.0)  # images finishing now find the bucket unreachable
+        server.start_gateway()
+        body = wait_terminal_http(service.url, request_id, timeout=120)
+        assert body["progress"]["images_failed"] == 0, [
+            image["error"] for p in body["products"] for image in p["images"] if image["error"]
+        ]
+        assert body["status"] == "completed"
+        assert len(server.keys("outage")) == len(paths)
+        for product in body["products"]:
+            (url,) = product["output_image_urls"]
+            assert requests.get(url, timeout=5).status_code == 200
+    finally:
+        service.stop()
+        server.stop()

@@ -232,7 +232,8 @@ class S3Server:
         )
         return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
 
-    def credentials_env(self) -> dict[str, str]:
+    @staticmethod
+    def credentials_env() -> dict[str, str]:
         """The standard AWS variables that give a process these credentials and nothing
         else (no profile files, no instance metadata calls off the machine)."""
         return {

@@ -8,6 +8,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -159,3 +162,28 @@ def test_an_s3_gateway_killed_mid_batch_leaves_no_image_failed(
     finally:
         service.stop()
         server.stop()
+
+
+def test_boto3_is_loaded_only_for_s3_storage(mongo_uri: str, tmp_path: Path) -> None:
+    """Importing imgproc, or running it with other storage, never loads boto3 (it costs
+    ~0.3 s and memory in every process); S3 storage loads it when the app is built."""
+    probe = (
+        "import sys\n"
+        "import imgproc, imgproc.services, imgproc.storage\n"
+        "assert 'boto3' not in sys.modules and 'botocore' not in sys.modules\n"
+        "from imgproc import create_app\n"
+        "create_app({'start_worker': False, 'storage': sys.argv[1], 's3_bucket': 'b',\n"
+        "            'mongodb_uri': sys.argv[2], 'data_dir': sys.argv[3]})\n"
+        "print('boto3' in sys.modules)\n"
+    )
+    for storage, loaded in (("local", "False"), ("gridfs", "False"), ("s3", "True")):
+        result = subprocess.run(
+            [sys.executable, "-c", probe, storage, mongo_uri, str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=Path(__file__).resolve().parent.parent,
+            env={**os.environ, **S3Server.credentials_env()},
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == loaded, storage

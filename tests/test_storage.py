@@ -224,8 +224,10 @@ def test_gridfs_storage_without_its_database_is_unavailable(stopped_database: st
         client.close()
 
 
-def test_s3_storage_that_cannot_be_reached_is_unavailable() -> None:
+def test_s3_storage_that_cannot_be_reached_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
     """Nothing listens at the endpoint (a gateway that is down): every call is transient."""
+    for name, value in S3Server.credentials_env().items():
+        monkeypatch.setenv(name, value)
     storage = S3Storage(S3_BUCKET, endpoint_url=f"http://127.0.0.1:{free_port()}")
     with pytest.raises(StorageUnavailable, match="could not store"):
         storage.put(KEY, b"data")

@@ -15,6 +15,7 @@ and smaller) from a local host, and measures in one run:
 Prints a table and one JSON line (the last line). Exit status 1 if a target is missed.
 
 Usage: python bench/bench.py [--images 400] [--big-rows 10000] [--quality 50]
+                            [--storage local|gridfs|s3]
 """
 
 from __future__ import annotations
@@ -344,6 +345,12 @@ def main() -> int:
         action="store_true",
         help="sample every service process with py-spy during the batch",
     )
+    parser.add_argument(
+        "--storage",
+        choices=("local", "gridfs", "s3"),
+        default="local",
+        help="IMGPROC_STORAGE of the service; s3 starts SeaweedFS on loopback (tests/s3server.py)",
+    )
     args = parser.parse_args()
 
     print(f"making {args.images} catalogue images from real photographs ...", flush=True)
@@ -358,13 +365,26 @@ def main() -> int:
 
     ceiling_before = [ceiling(images, args.quality)]
     data_dir = tempfile.mkdtemp(prefix="imgproc-bench-")
-    service, url = start_service(data_dir, {})
+    storage_env = {"IMGPROC_STORAGE": args.storage}
+    s3_server = None
+    if args.storage == "s3":
+        from tests.s3server import S3Server
+
+        s3_server = S3Server.start(Path(data_dir) / "s3", buckets=("bench",))
+        storage_env = s3_server.env("bench")
+    try:
+        service, url = start_service(data_dir, storage_env)
+    except BaseException:
+        if s3_server is not None:
+            s3_server.stop()
+        raise
     sampler = RssSampler(service.pid)
     sampler.start()
     result: dict[str, Any] = {
         "images": args.images,
         "quality": args.quality,
         "cores": os.cpu_count(),
+        "storage": args.storage,
     }
     try:
         with ImageHost(paths, small) as host:
@@ -478,6 +498,8 @@ def main() -> int:
                 )
     finally:
         stop_service(service, sampler)
+        if s3_server is not None:
+            s3_server.stop()
 
     # The machine's speed drifts (a shared VM): the best of the runs before and after the
     # service is what the hardware allows, and the ratio against it is the conservative one.

@@ -17,7 +17,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     starts here when ``start_worker`` is true; importing this package starts nothing.
     """
     from imgproc import auth, logs
-    from imgproc.api import csv, dashboard, images, observe, ops
+    from imgproc.api import csv, dashboard, docs, images, observe, ops
     from imgproc.config import load_settings
     from imgproc.errors import register_error_handlers
     from imgproc.services import Services
@@ -32,7 +32,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     register_error_handlers(app)
     observe.install(app)
     auth.install(app, settings.api_keys)
-    for blueprint in (csv.bp, images.bp, ops.bp, dashboard.bp):
+    for blueprint in (csv.bp, images.bp, ops.bp, dashboard.bp, docs.bp):
         app.register_blueprint(blueprint)
     if settings.start_worker:
         services.start()

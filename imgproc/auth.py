@@ -1,8 +1,8 @@
 """Optional API keys: when IMGPROC_API_KEYS is set, every endpoint needs ``X-API-Key`` (or
-``Authorization: Bearer``) except /healthz, /metrics, /images/ and the dashboard's page and
-static files (which hold no data), and a request belongs to the key that created it. Keys are
-compared in constant time and never stored or logged: what is kept with a request is a short
-digest of its key."""
+``Authorization: Bearer``) except /healthz, /metrics, /images/ and the pages of the dashboard
+and the API docs with their files (which hold no data), and a request belongs to the key
+that created it. Keys are compared in constant time and never stored or logged: what is kept
+with a request is a short digest of its key."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from flask import Flask, g, request
 
 from imgproc.errors import Unauthorized
 
-OPEN_PATHS = ("/healthz", "/metrics", "/")
-OPEN_PREFIXES = ("/images/", "/static/")
+OPEN_PATHS = ("/healthz", "/metrics", "/", "/docs")
+OPEN_PREFIXES = ("/images/", "/static/", "/docs/")
 
 
 def key_id(key: str) -> str:

@@ -36,6 +36,10 @@ class Settings:
     data_dir: str = "./data"
     public_url: str | None = None
     storage: str = "local"
+    s3_bucket: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_prefix: str = ""
+    s3_public_url: str | None = None
     start_worker: bool = True
     workers: int = 8
     cpu_slots: int = 0  # 0: cores + 1
@@ -152,6 +156,49 @@ def _check(ok: bool, field: str, message: str, value: Any) -> None:
         raise ConfigError(f"{env_name(field)}={value!r} is not valid: {message}")
 
 
+def _absolute(url: str) -> bool:
+    """True for an absolute http(s) URL without a query or fragment."""
+    parts = urlsplit(url)
+    return (
+        parts.scheme in ("http", "https")
+        and bool(parts.netloc)
+        and not parts.query
+        and not parts.fragment
+    )
+
+
+def _validate_s3(s: Settings) -> None:
+    """The S3 settings: a bucket with ``s3``; URLs absolute; a prefix that makes plain keys."""
+    if s.storage == "s3":
+        _check(bool(s.s3_bucket), "s3_bucket", "is required with IMGPROC_STORAGE=s3", s.s3_bucket)
+    if s.s3_bucket is not None:
+        _check(
+            not set(s.s3_bucket) & set("/\\ ?#") and s.s3_bucket.isprintable(),
+            "s3_bucket",
+            "must be a bucket name (no slashes, spaces, ? or #)",
+            s.s3_bucket,
+        )
+    for field in ("s3_endpoint_url", "s3_public_url"):
+        url = getattr(s, field)
+        if url is not None:
+            _check(_absolute(url), field, "must be an absolute http(s) URL", url)
+    _check(
+        s.s3_public_url is None or s.storage == "s3",
+        "s3_public_url",
+        "is only used with IMGPROC_STORAGE=s3 (output URLs would point at an empty base)",
+        s.s3_public_url,
+    )
+    _check(
+        not s.s3_prefix.startswith("/")
+        and ".." not in s.s3_prefix.split("/")
+        and s.s3_prefix.isprintable()
+        and not set(s.s3_prefix) & set(" ?#\\"),
+        "s3_prefix",
+        "must be a key prefix like 'outputs/': no leading slash, '..', spaces, ? or #",
+        s.s3_prefix,
+    )
+
+
 def validate(s: Settings) -> None:
     """Raise :class:`ConfigError` with a clear message for the first bad value."""
     for field in (
@@ -189,7 +236,13 @@ def validate(s: Settings) -> None:
     _check(0 <= s.worker_nice <= 19, "worker_nice", "must be 0-19", s.worker_nice)
     _check(s.max_rows < 10_000_000, "max_rows", "must be below 10,000,000", s.max_rows)
     _check(1 <= s.default_quality <= 95, "default_quality", "must be 1-95", s.default_quality)
-    _check(s.storage in ("local", "gridfs"), "storage", "must be 'local' or 'gridfs'", s.storage)
+    _check(
+        s.storage in ("local", "gridfs", "s3"),
+        "storage",
+        "must be 'local', 'gridfs' or 's3'",
+        s.storage,
+    )
+    _validate_s3(s)
     _check(
         s.mongodb_uri.startswith(("mongodb://", "mongodb+srv://")),
         "mongodb_uri",
@@ -209,12 +262,8 @@ def validate(s: Settings) -> None:
         s.log_level,
     )
     if s.public_url is not None:
-        parts = urlsplit(s.public_url)
         _check(
-            parts.scheme in ("http", "https") and bool(parts.netloc) and not parts.query,
-            "public_url",
-            "must be an absolute http(s) URL",
-            s.public_url,
+            _absolute(s.public_url), "public_url", "must be an absolute http(s) URL", s.public_url
         )
     _check(
         s.idempotency_hours > 0, "idempotency_hours", "must be greater than 0", s.idempotency_hours

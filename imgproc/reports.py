@@ -22,9 +22,12 @@ def base_url(request: Doc, public_url: str | None) -> str:
     return (public_url or request.get("base_url") or "").rstrip("/")
 
 
-def image_url(root: str, key: str | None) -> str | None:
-    """The absolute URL of a stored output image."""
-    return f"{root}/images/{key}" if key else None
+def image_url(root: str, key: str | None, public_base: str | None = None) -> str | None:
+    """The absolute URL of a stored output image: under the storage's public base (a CDN or
+    public bucket, see ``storage.public_base``) when there is one, else this service's."""
+    if not key:
+        return None
+    return f"{public_base}{key}" if public_base else f"{root}/images/{key}"
 
 
 def progress(request: Doc) -> Doc:
@@ -53,7 +56,7 @@ def webhook_info(request: Doc) -> Doc:
     }
 
 
-def product_view(product: Doc, root: str, fed_rows: int = 0) -> Doc:
+def product_view(product: Doc, root: str, fed_rows: int = 0, public_base: str | None = None) -> Doc:
     """One product with its images, outputs lined up with inputs.
 
     A pending product whose row a worker has already taken up (below ``fed_rows``) is shown
@@ -72,7 +75,9 @@ def product_view(product: Doc, root: str, fed_rows: int = 0) -> Doc:
         images.append(
             {
                 "input_url": image["input_url"],
-                "output_url": image_url(root, image.get("output_key")) if done else None,
+                "output_url": (
+                    image_url(root, image.get("output_key"), public_base) if done else None
+                ),
                 "status": image_status,
                 "error": image.get("error"),
                 "input_bytes": image.get("input_bytes"),
@@ -118,14 +123,21 @@ def request_summary(request: Doc, root: str) -> Doc:
     return {**_head(request), **links(request, root)}
 
 
-def status_view(request: Doc, products: list[Doc], root: str, offset: int, limit: int) -> Doc:
+def status_view(
+    request: Doc,
+    products: list[Doc],
+    root: str,
+    offset: int,
+    limit: int,
+    public_base: str | None = None,
+) -> Doc:
     """The body of GET /csv/status/<id>."""
     fed = int(request.get("fed_rows", 0)) if request["status"] == "processing" else 0
     return {
         **_head(request),
         "webhook": webhook_info(request),
         "output_csv_url": links(request, root)["output_csv_url"],
-        "products": [product_view(p, root, fed) for p in products],
+        "products": [product_view(p, root, fed, public_base) for p in products],
         "products_page": {
             "offset": offset,
             "limit": limit,
@@ -151,7 +163,9 @@ def neutralise(cell: str) -> str:
     return "'" + cell if cell.startswith(_FORMULA_START) else cell
 
 
-def output_csv(request: Doc, products: Iterable[Doc], root: str) -> Iterator[str]:
+def output_csv(
+    request: Doc, products: Iterable[Doc], root: str, public_base: str | None = None
+) -> Iterator[str]:
     """The output CSV, streamed line by line: input columns in input order + output URLs."""
     header: list[str] = [h for h in request["header"] if h != OUTPUT_COLUMN]
     roles: dict[str, int] = request["roles"]
@@ -167,7 +181,7 @@ def output_csv(request: Doc, products: Iterable[Doc], root: str) -> Iterator[str
 
     yield line([*header, OUTPUT_COLUMN])
     for product in products:
-        view = product_view(product, root)
+        view = product_view(product, root, public_base=public_base)
         values = {
             "serial_number": str(product["serial_number"]),
             "product_name": product["product_name"],

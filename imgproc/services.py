@@ -33,7 +33,7 @@ from imgproc.models import (
     UploadOptions,
 )
 from imgproc.reports import base_url, output_csv, request_summary, status_view
-from imgproc.storage import Storage, StoredFile, open_storage
+from imgproc.storage import Storage, StoredFile, open_storage, public_base
 from imgproc.store import DatabaseError, Store, connect
 from imgproc.webhooks import WebhookSender
 from imgproc.worker import Worker
@@ -88,6 +88,7 @@ class Services:
         # A database named in MONGODB_URI wins; IMGPROC_DB_NAME is the fallback.
         self.store = Store(self.client.get_default_database(default=settings.db_name))
         self.storage: Storage = open_storage(settings, self.store)
+        self.public_base = public_base(settings)  # output URLs off the service, or None
         self.fetcher = Fetcher(settings)
         self.webhooks = WebhookSender(settings)
         self.worker = Worker(settings, self.store, self.storage, self.fetcher, self.webhooks)
@@ -227,7 +228,7 @@ class Services:
                 return cached[1]  # nothing it shows has changed since it was rendered
         stop = min(offset + limit, int(request.get("products_total", 0)))
         products = self._products(request_id, offset, stop)
-        body = status_view(request, products, self.root(request), offset, limit)
+        body = status_view(request, products, self.root(request), offset, limit, self.public_base)
         with self._cache_lock:
             self._pages[key] = (version, body)
             self._pages.move_to_end(key)
@@ -279,7 +280,7 @@ class Services:
                 "ready once it is completed, completed_with_errors or failed"
             )
         products = self.store.iter_products(request_id, int(request["products_total"]))
-        return output_csv(request, products, self.root(request))
+        return output_csv(request, products, self.root(request), self.public_base)
 
     def image(self, key: str) -> StoredFile:
         """A stored output image."""

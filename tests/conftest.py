@@ -22,8 +22,11 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from imgproc import create_app, embedded_db
+from tests.s3server import S3Server
 
 TERMINAL = ("completed", "completed_with_errors", "failed")
+S3_BUCKET = "imgproc"
+S3_PUBLIC_BUCKET = "imgproc-public"  # anyone may read it: the stand-in for a CDN
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +41,42 @@ def mongo_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield db.uri
     finally:
         db.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3-compatible server (SeaweedFS) for the session, started by the first test
+    that asks for it; a failure to start fails the tests."""
+    server = S3Server.start(
+        tmp_path_factory.mktemp("s3"), buckets=(S3_BUCKET,), public_buckets=(S3_PUBLIC_BUCKET,)
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
+    """The session's S3 server, its credentials in this process's standard AWS variables."""
+    for name, value in s3_server.credentials_env().items():
+        monkeypatch.setenv(name, value)
+    return s3_server
+
+
+@pytest.fixture
+def s3_prefix() -> str:
+    """A key prefix of one test's own in the shared buckets."""
+    return f"test-{uuid.uuid4().hex[:12]}/"
+
+
+@pytest.fixture
+def s3_settings(s3: S3Server, s3_prefix: str) -> dict[str, Any]:
+    """Settings overrides for an app storing its outputs in the session's S3 bucket."""
+    return {
+        "storage": "s3",
+        "s3_bucket": S3_BUCKET,
+        "s3_endpoint_url": s3.endpoint,
+        "s3_prefix": s3_prefix,
+    }
 
 
 @pytest.fixture

@@ -128,11 +128,16 @@ def test_output_csv(client: FlaskClient, image_host: HTTPServer) -> None:
     assert len(rows) == 3
 
 
-@pytest.mark.parametrize("storage", ["local", "gridfs"])
+@pytest.mark.parametrize("storage", ["local", "gridfs", "s3"])
 def test_image_serving_headers(
-    make_app: Callable[..., Flask], image_host: HTTPServer, storage: str
+    make_app: Callable[..., Flask],
+    image_host: HTTPServer,
+    storage: str,
+    request: pytest.FixtureRequest,
 ) -> None:
-    client = make_app(storage=storage).test_client()
+    # SeaweedFS starts only for the s3 case.
+    s3 = request.getfixturevalue("s3_settings") if storage == "s3" else {"storage": storage}
+    client = make_app(**s3).test_client()
     url = serve(image_host, "/a.jpg", make_image())
     request_id = upload(client, csv_bytes([(1, "A", [url])])).get_json()["request_id"]
     image_url = wait_terminal(client, request_id)["products"][0]["output_image_urls"][0]

@@ -6,6 +6,7 @@ be reached is StorageUnavailable (transient), never anything else."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -18,13 +19,17 @@ import pytest
 from bson import ObjectId
 
 from imgproc import embedded_db
+from imgproc.embedded_db import free_port
 from imgproc.storage import Storage, StorageUnavailable
 from imgproc.storage.gridfs_bucket import GridFSStorage
 from imgproc.storage.local import LocalStorage
+from imgproc.storage.s3 import CACHE_CONTROL, S3Storage
 from imgproc.store import Store, connect
+from tests.conftest import S3_BUCKET
+from tests.s3server import S3Server
 
 KEY = "0f8fad5b-d9cb-469f-a165-70867728950e/3-0.jpg"
-BACKENDS = ["local", "gridfs"]
+BACKENDS = ["local", "gridfs", "s3"]
 
 
 def versions(count: int, size: int = 700_000) -> list[bytes]:
@@ -33,12 +38,17 @@ def versions(count: int, size: int = 700_000) -> list[bytes]:
 
 
 @pytest.fixture
-def make_storage(mongo: Any, tmp_path: Path) -> Callable[[str], Storage]:
+def make_storage(
+    mongo: Any, tmp_path: Path, s3_prefix: str, request: pytest.FixtureRequest
+) -> Callable[[str], Storage]:
     def make(backend: str) -> Storage:
         if backend == "gridfs":
             store = Store(mongo)
             store.ensure_indexes()
             return GridFSStorage(store)
+        if backend == "s3":  # SeaweedFS starts only for the tests that need it
+            s3: S3Server = request.getfixturevalue("s3")
+            return S3Storage(S3_BUCKET, prefix=s3_prefix, endpoint_url=s3.endpoint)
         return LocalStorage(str(tmp_path / "images"))
 
     return make
@@ -54,9 +64,20 @@ def read(storage: Storage, key: str) -> bytes | None:
     return stored.data
 
 
+def objects(s3_prefix: str, request: pytest.FixtureRequest) -> list[str]:
+    """The keys stored in the S3 bucket under this test's prefix."""
+    s3: S3Server = request.getfixturevalue("s3")
+    return s3.keys(S3_BUCKET, s3_prefix)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_repeated_put_leaves_one_complete_version(
-    backend: str, make_storage: Callable[[str], Storage], mongo: Any, tmp_path: Path
+    backend: str,
+    make_storage: Callable[[str], Storage],
+    mongo: Any,
+    tmp_path: Path,
+    s3_prefix: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     storage = make_storage(backend)
     first, second = versions(2)
@@ -64,7 +85,21 @@ def test_a_repeated_put_leaves_one_complete_version(
     storage.put(KEY, first)  # a retry
     storage.put(KEY, second)  # a redo that encoded differently
     assert read(storage, KEY) in (first, second)
-    if backend == "gridfs":
+    if backend == "s3":
+        # The last complete PUT wins; one object, with its type and a year of caching.
+        assert read(storage, KEY) == second
+        assert objects(s3_prefix, request) == [s3_prefix + KEY]
+        stored = storage.get(KEY)
+        assert stored is not None and stored.etag == hashlib.md5(second).hexdigest()
+        head = (
+            request.getfixturevalue("s3")
+            .client()
+            .head_object(Bucket=S3_BUCKET, Key=s3_prefix + KEY)
+        )
+        assert head["ContentType"] == "image/jpeg"
+        assert head["CacheControl"] == CACHE_CONTROL
+        assert head["ContentLength"] == len(second)
+    elif backend == "gridfs":
         # The first complete version stays; nothing else is left behind.
         assert read(storage, KEY) == first
         assert mongo["images.files"].count_documents({}) == 1
@@ -82,7 +117,12 @@ def test_a_repeated_put_leaves_one_complete_version(
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_racing_puts_and_readers_never_see_a_part_or_a_gap(
-    backend: str, make_storage: Callable[[str], Storage], mongo: Any
+    backend: str,
+    make_storage: Callable[[str], Storage],
+    mongo: Any,
+    tmp_path: Path,
+    s3_prefix: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     storage = make_storage(backend)
     payloads = versions(6)
@@ -121,6 +161,10 @@ def test_racing_puts_and_readers_never_see_a_part_or_a_gap(
     if backend == "gridfs":
         assert mongo["images.files"].count_documents({}) == 1
         assert mongo["images.chunks"].count_documents({}) == 3  # losers' chunks removed
+    elif backend == "s3":
+        assert objects(s3_prefix, request) == [s3_prefix + KEY]
+    else:
+        assert os.listdir(tmp_path / "images" / KEY.split("/")[0]) == ["3-0.jpg"]
 
 
 def test_an_interrupted_gridfs_put_is_invisible_and_the_next_put_completes(mongo: Any) -> None:
@@ -178,6 +222,59 @@ def test_gridfs_storage_without_its_database_is_unavailable(stopped_database: st
             storage.get(KEY)
     finally:
         client.close()
+
+
+def test_s3_storage_that_cannot_be_reached_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing listens at the endpoint (a gateway that is down): every call is transient."""
+    for name, value in S3Server.credentials_env().items():
+        monkeypatch.setenv(name, value)
+    storage = S3Storage(S3_BUCKET, endpoint_url=f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(StorageUnavailable, match="could not store"):
+        storage.put(KEY, b"data")
+    with pytest.raises(StorageUnavailable, match="could not read"):
+        storage.get(KEY)
+
+
+@pytest.mark.parametrize(
+    ("bucket", "secret", "hint"),
+    [
+        ("no-such-bucket", None, "the bucket does not exist"),
+        (S3_BUCKET, "wrong-secret", "the secret key does not match"),
+    ],
+)
+def test_s3_misconfiguration_is_an_error_in_the_log_and_still_transient(
+    s3: S3Server,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    bucket: str,
+    secret: str | None,
+    hint: str,
+) -> None:
+    if secret:
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    storage = S3Storage(bucket, endpoint_url=s3.endpoint)
+    with caplog.at_level(logging.ERROR, logger="imgproc.storage.s3"):
+        for _ in range(3):
+            with pytest.raises(StorageUnavailable):
+                storage.put(KEY, b"data")
+        with pytest.raises(StorageUnavailable):
+            storage.get(KEY)
+    lines = [r.getMessage() for r in caplog.records if r.name == "imgproc.storage.s3"]
+    assert len(lines) == 1, lines  # once a minute, not once per image
+    assert hint in lines[0] and f"s3://{bucket}/" in lines[0]
+    assert (secret or "no secret") not in lines[0]
+
+
+def test_s3_storage_without_credentials_says_so(
+    s3: S3Server, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    storage = S3Storage(S3_BUCKET, endpoint_url=s3.endpoint)
+    with caplog.at_level(logging.ERROR, logger="imgproc.storage.s3"):
+        with pytest.raises(StorageUnavailable):
+            storage.put(KEY, b"data")
+    assert "no credentials" in caplog.text
 
 
 def test_writes_are_journaled_with_majority(mongo_uri: str) -> None:

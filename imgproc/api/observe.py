@@ -14,7 +14,7 @@ from imgproc.logs import bind, unbind
 log = logging.getLogger("imgproc.http")
 
 # Polled by machines all day: their lines only at debug level.
-_QUIET = ("/healthz", "/metrics", "/static/")
+_QUIET = ("/healthz", "/metrics", "/static/", "/docs/")
 
 
 def install(app: Flask) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
+from urllib.parse import quote
 
 if TYPE_CHECKING:
     from imgproc.config import Settings
@@ -32,6 +33,7 @@ __all__ = [
     "content_type",
     "image_key",
     "open_storage",
+    "public_base",
     "valid_key",
 ]
 
@@ -78,8 +80,28 @@ class Storage(Protocol):
         """The stored image, or None; StorageUnavailable when it cannot be read now."""
 
 
+def public_base(settings: Settings) -> str | None:
+    """The base that output URLs hang from when the images are served without the service
+    (``IMGPROC_S3_PUBLIC_URL``: a CDN or a public bucket, plus the key prefix); None when
+    the service serves them at ``/images/<key>``."""
+    if settings.storage != "s3" or not settings.s3_public_url:
+        return None
+    return settings.s3_public_url.rstrip("/") + "/" + quote(settings.s3_prefix, safe="/")
+
+
 def open_storage(settings: Settings, store: Store) -> Storage:
     """The backend ``IMGPROC_STORAGE`` names."""
+    if settings.storage == "s3":
+        from imgproc.storage.s3 import S3Storage
+
+        assert settings.s3_bucket  # validated with the settings
+        return S3Storage(
+            settings.s3_bucket,
+            prefix=settings.s3_prefix,
+            endpoint_url=settings.s3_endpoint_url,
+            # One connection for each image thread and each HTTP thread serving /images/.
+            pool_size=settings.workers + 16,
+        )
     if settings.storage == "gridfs":
         from imgproc.storage.gridfs_bucket import GridFSStorage
 

@@ -20,8 +20,6 @@ from imgproc.webhooks import WebhookSender, message_id
 
 log = logging.getLogger(__name__)
 
-CLAIM_SECONDS = 120.0  # a claimed delivery is due again after this, should its process die
-
 
 def next_attempt_at(
     attempts_before: int, ok: bool, delays: tuple[float, ...], now: datetime
@@ -41,11 +39,16 @@ class Outbox:
         self.sender = sender
         self.owner = owner
         self._executor = ThreadPoolExecutor(2, thread_name_prefix="imgproc-webhook")
+        # A claimed delivery is due again after this, should its process die: longer than
+        # an attempt can take (connect + response timeouts), plus a lease of slack.
+        self.claim_seconds = (
+            settings.connect_timeout + settings.webhook_timeout + settings.lease_seconds
+        )
 
     def claim_due(self, stopping: Callable[[], bool]) -> None:
         """Claim every due delivery and queue it (the claim pushes its due time ahead)."""
         while not stopping():
-            request = self.store.claim_webhook(self.owner, CLAIM_SECONDS)
+            request = self.store.claim_webhook(self.owner, self.claim_seconds)
             if request is None:
                 return
             self._executor.submit(self.deliver, request)

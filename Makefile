@@ -6,7 +6,7 @@ PORT   ?= 8000
 
 NEWMAN := tests/tools/node_modules/.bin/newman
 
-.PHONY: run test test-tools browser bench bench-quality bench-load lint fmt typecheck check clean
+.PHONY: run test test-tools browser chaos bench bench-quality bench-load lint fmt typecheck check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ browser:  ## Debian's Chromium for the dashboard tests (apt-get, as root or thro
 $(NEWMAN): tests/tools/package.json tests/tools/package-lock.json
 	npm ci --prefix tests/tools --no-audit --no-fund --loglevel=error
 	touch $@
+
+SEEDS ?= 50
+FIRST ?= 1
+chaos: $(VENV)/.dev-deps  ## SEEDS seeded chaos runs per storage backend (from FIRST): make chaos SEEDS=50
+	IMGPROC_CHAOS_SEEDS=$(FIRST)-$$(( $(FIRST) + $(SEEDS) - 1 )) \
+		$(BIN)/python -m pytest tests/test_chaos.py -p no:cacheprovider -q $(PYTEST_ARGS)
 
 bench: $(VENV)/.dev-deps  ## end-to-end throughput of a batch; prints a table and a JSON line
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)

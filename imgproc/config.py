@@ -23,6 +23,22 @@ def human_bytes(size: int) -> str:
     return f"{size} bytes"
 
 
+def cores() -> int:
+    """CPUs this process may run on (a container's share, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def memory_bytes() -> int:
+    """Physical memory of the machine."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 4096 * MIB
+
+
 class ConfigError(ValueError):
     """A setting has a value the service cannot run with."""
 
@@ -41,10 +57,12 @@ class Settings:
     s3_prefix: str = ""
     s3_public_url: str | None = None
     start_worker: bool = True
-    workers: int = 8
+    downloads: int = 0  # 0: 128 per core (at most 1024)
     cpu_slots: int = 0  # 0: cores + 1
+    download_buffer_bytes: int = 0  # 0: an eighth of the memory, at most 512 MiB
+    max_connections_per_host: int = 0  # 0: as many as downloads
     worker_nice: int = 10
-    max_active_requests: int = 4
+    max_active_requests: int = 16
     lease_seconds: float = 60.0
     poll_seconds: float = 1.0
     shutdown_grace_seconds: float = 20.0
@@ -79,6 +97,30 @@ class Settings:
         if self.webhook_secret:
             found += [self.webhook_secret, self.webhook_secret.removeprefix("whsec_")]
         return tuple(found)
+
+    @property
+    def download_slots(self) -> int:
+        """Downloads in flight per instance: enough to cover a second of origin latency at
+        the rate the cores compress (about a hundred catalogue images a second per core)."""
+        return self.downloads or min(1024, 128 * cores())
+
+    @property
+    def codec_slots(self) -> int:
+        """Images decoded and encoded at once: one per core, plus one so that a core never
+        waits while another image is in the Python parts of the codec."""
+        return self.cpu_slots or cores() + 1
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Bytes of downloaded images waiting for the codec, at most (the memory budget)."""
+        if self.download_buffer_bytes:
+            return self.download_buffer_bytes
+        return max(2 * self.max_image_bytes, min(512 * MIB, memory_bytes() // 8))
+
+    @property
+    def connections_per_host(self) -> int:
+        """Connections open to one image host at once, at most."""
+        return self.max_connections_per_host or self.download_slots
 
     @property
     def images_dir(self) -> str:
@@ -202,7 +244,6 @@ def _validate_s3(s: Settings) -> None:
 def validate(s: Settings) -> None:
     """Raise :class:`ConfigError` with a clear message for the first bad value."""
     for field in (
-        "workers",
         "max_active_requests",
         "max_rows",
         "max_urls_per_row",
@@ -233,6 +274,19 @@ def validate(s: Settings) -> None:
         s.status_cache_products,
     )
     _check(s.cpu_slots >= 0, "cpu_slots", "must be 0 (cores + 1) or more", s.cpu_slots)
+    _check(s.downloads >= 0, "downloads", "must be 0 (128 per core) or more", s.downloads)
+    _check(
+        s.max_connections_per_host >= 0,
+        "max_connections_per_host",
+        "must be 0 (as many as downloads) or more",
+        s.max_connections_per_host,
+    )
+    _check(
+        s.download_buffer_bytes == 0 or s.download_buffer_bytes >= s.max_image_bytes,
+        "download_buffer_bytes",
+        f"must be 0 (automatic) or at least IMGPROC_MAX_IMAGE_BYTES ({s.max_image_bytes})",
+        s.download_buffer_bytes,
+    )
     _check(0 <= s.worker_nice <= 19, "worker_nice", "must be 0-19", s.worker_nice)
     _check(s.max_rows < 10_000_000, "max_rows", "must be below 10,000,000", s.max_rows)
     _check(1 <= s.default_quality <= 95, "default_quality", "must be 1-95", s.default_quality)

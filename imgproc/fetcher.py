@@ -7,6 +7,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Protocol
 from urllib.parse import urljoin, urlsplit
 
 import requests
@@ -21,22 +24,60 @@ _REDIRECTS = (301, 302, 303, 307, 308)
 _CHUNK = 256 * 1024
 
 
-class FetchError(Exception):
-    """A download failed; ``reason`` is short and shown to the user per image."""
+MIN_RETRY_AFTER = 1.0  # seconds: "Retry-After: 0" in a loop must not hammer the host
+MAX_RETRY_AFTER = 3600.0  # seconds: a longer pause is not waited for
 
-    def __init__(self, reason: str, *, retryable: bool = False) -> None:
+
+class FetchError(Exception):
+    """A download failed; ``reason`` is short and shown to the user per image.
+
+    ``retry_after``: the host answered 429 or 503 with a ``Retry-After`` of that many
+    seconds; whoever runs the download decides whether to wait that long.
+    """
+
+    def __init__(
+        self, reason: str, *, retryable: bool = False, retry_after: float | None = None
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retryable = retryable
+        self.retry_after = retry_after
+
+
+class Budget(Protocol):
+    """A memory budget for downloaded bytes (the pipeline's): ``reserve`` may wait."""
+
+    def reserve(self, size: int) -> None: ...
+
+    def release(self, size: int) -> None: ...
 
 
 @dataclass(frozen=True)
 class Fetched:
-    """The bytes of one download."""
+    """The bytes of one download, and how much of the budget they hold."""
 
     data: bytes
     content_type: str | None
     final_url: str
+    reserved: int = 0
+
+
+def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds a ``Retry-After`` header asks for (a number or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    return min(max(seconds, MIN_RETRY_AFTER), MAX_RETRY_AFTER)
 
 
 def url_refusal(url: str, *, allow_private: bool) -> str | None:
@@ -86,26 +127,31 @@ class Fetcher:
         self.settings = settings
         self.sleep = sleep
         self.session = session or make_session(
-            allow_private=settings.allow_private_urls, pool_size=settings.workers * 2
+            allow_private=settings.allow_private_urls,
+            pool_size=settings.connections_per_host,
         )
 
     def close(self) -> None:
         """Close pooled connections."""
         self.session.close()
 
-    def fetch(self, url: str) -> Fetched:
-        """The body of ``url``; FetchError with a short reason otherwise."""
+    def fetch(self, url: str, budget: Budget | None = None) -> Fetched:
+        """The body of ``url``; FetchError with a short reason otherwise. With a ``budget``,
+        the body's size is reserved from it before the body is read (the returned
+        ``reserved`` is the caller's to release); a failure releases it."""
         s = self.settings
         for attempt in range(1, s.fetch_attempts + 1):
             try:
-                return self._follow(url)
+                return self._follow(url, budget)
             except FetchError as exc:
+                if exc.retry_after is not None:
+                    raise  # the host named its pause: the caller waits, not this thread
                 if not exc.retryable or attempt == s.fetch_attempts:
                     raise
             self.sleep(s.fetch_backoff * 2 ** (attempt - 1))
         raise AssertionError("unreachable")
 
-    def _follow(self, url: str) -> Fetched:
+    def _follow(self, url: str, budget: Budget | None) -> Fetched:
         current = url
         for _ in range(MAX_REDIRECTS + 1):
             refusal = url_refusal(current, allow_private=self.settings.allow_private_urls)
@@ -126,19 +172,46 @@ class Fetcher:
                 if response.status_code in _REDIRECTS and "location" in response.headers:
                     current = urljoin(current, response.headers["location"])
                     continue
-                if response.status_code != 200:
-                    retryable = response.status_code >= 500 or response.status_code == 429
-                    raise FetchError(f"HTTP {response.status_code}", retryable=retryable)
-                data = self._read_body(response)
-                return Fetched(data, response.headers.get("content-type"), current)
+                status = response.status_code
+                if status != 200:
+                    retry_after = None
+                    if status in (429, 503):
+                        retry_after = retry_after_seconds(response.headers.get("retry-after"))
+                    raise FetchError(
+                        f"HTTP {status}",
+                        retryable=status >= 500 or status == 429,
+                        retry_after=retry_after,
+                    )
+                data, reserved = self._read_body(response, budget)
+                return Fetched(data, response.headers.get("content-type"), current, reserved)
         raise FetchError(f"more than {MAX_REDIRECTS} redirects")
 
-    def _read_body(self, response: requests.Response) -> bytes:
+    def _read_body(self, response: requests.Response, budget: Budget | None) -> tuple[bytes, int]:
         cap = self.settings.max_image_bytes
         too_large = f"too large (over {human_bytes(cap)})"
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > cap:
             raise FetchError(too_large)
+        # Hold the budget for what the body will take before reading it: the declared size,
+        # or the cap when none is declared (what a chunked body may grow to).
+        reserved = min(int(declared), cap) if declared.isdigit() else cap
+        if budget is not None:
+            budget.reserve(reserved)
+        try:
+            data = self._read_chunks(response, cap, too_large)
+        except BaseException:
+            if budget is not None:
+                budget.release(reserved)
+            raise
+        if budget is None:
+            return data, 0
+        if len(data) < reserved:
+            budget.release(reserved - len(data))
+        elif len(data) > reserved:  # a declared length the body exceeded (within the cap)
+            budget.reserve(len(data) - reserved)
+        return data, len(data)
+
+    def _read_chunks(self, response: requests.Response, cap: int, too_large: str) -> bytes:
         deadline = time.monotonic() + self.settings.download_deadline
         chunks: list[bytes] = []
         size = 0

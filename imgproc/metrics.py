@@ -58,7 +58,13 @@ WEBHOOKS = Counter(
 )
 IN_FLIGHT = Gauge(
     "imgproc_images_in_flight",
-    "Images being downloaded or compressed right now",
+    "Images being downloaded, compressed or stored right now",
+    multiprocess_mode="livesum",
+)
+BUFFERED_BYTES = Gauge(
+    "imgproc_download_buffer_bytes",
+    "Bytes of downloaded images held until their codec is done (bounded by "
+    "IMGPROC_DOWNLOAD_BUFFER_BYTES)",
     multiprocess_mode="livesum",
 )
 HTTP_REQUESTS = Counter(

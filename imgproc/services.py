@@ -83,7 +83,9 @@ class Services:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.client = connect(
-            settings.mongodb_uri, timeout_ms=settings.db_timeout_ms, pool_size=settings.workers + 16
+            settings.mongodb_uri,
+            timeout_ms=settings.db_timeout_ms,
+            pool_size=settings.max_active_requests + 48,
         )
         # A database named in MONGODB_URI wins; IMGPROC_DB_NAME is the fallback.
         self.store = Store(self.client.get_default_database(default=settings.db_name))

@@ -108,7 +108,7 @@ def settings(mongo_uri: str, db_name: str, tmp_path: Any) -> dict[str, Any]:
         "poll_seconds": 0.1,
         "lease_seconds": 10.0,
         "fetch_backoff": 0.05,
-        "workers": 4,
+        "downloads": 8,
         "shutdown_grace_seconds": 5.0,
     }
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from imgproc import create_app
+from imgproc import config, create_app
 from imgproc.config import ConfigError, Settings, load_settings
 
 
@@ -17,6 +17,26 @@ def test_defaults() -> None:
     assert settings.webhook_retry_delays == (5, 30, 120, 600, 1800, 3600, 7200, 14400)
     assert settings.allow_private_urls is False
     assert settings.images_dir.endswith("images")
+
+
+def test_pipeline_bounds_follow_the_machine_unless_set() -> None:
+    """Downloads cover a second of latency at the cores' rate; the codec stays on the cores;
+    the memory budget and the per-host limit have sensible automatic values."""
+    cores = config.cores()
+    automatic = Settings()
+    assert automatic.download_slots == min(1024, 128 * cores)
+    assert automatic.codec_slots == cores + 1
+    assert automatic.connections_per_host == automatic.download_slots
+    assert (
+        2 * automatic.max_image_bytes
+        <= automatic.buffer_bytes
+        <= max(512 * 2**20, 2 * automatic.max_image_bytes)
+    )
+    chosen = Settings(
+        downloads=40, cpu_slots=2, max_connections_per_host=6, download_buffer_bytes=64 * 2**20
+    )
+    assert chosen.download_slots == 40 and chosen.codec_slots == 2
+    assert chosen.connections_per_host == 6 and chosen.buffer_bytes == 64 * 2**20
 
 
 def test_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -36,8 +56,10 @@ def test_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     ("name", "value", "message"),
     [
-        ("IMGPROC_WORKERS", "many", "IMGPROC_WORKERS='many' is not valid"),
-        ("IMGPROC_WORKERS", "0", "IMGPROC_WORKERS=0 is not valid: must be at least 1"),
+        ("IMGPROC_DOWNLOADS", "many", "IMGPROC_DOWNLOADS='many' is not valid"),
+        ("IMGPROC_DOWNLOADS", "-1", "IMGPROC_DOWNLOADS=-1 is not valid: must be 0 (128 per core)"),
+        ("IMGPROC_MAX_CONNECTIONS_PER_HOST", "-2", "must be 0 (as many as downloads) or more"),
+        ("IMGPROC_DOWNLOAD_BUFFER_BYTES", "1000", "at least IMGPROC_MAX_IMAGE_BYTES"),
         ("IMGPROC_DEFAULT_QUALITY", "99", "must be 1-95"),
         ("IMGPROC_LEASE_SECONDS", "-1", "must be greater than 0"),
         ("IMGPROC_ALLOW_PRIVATE_URLS", "maybe", "expected true or false"),

@@ -7,13 +7,14 @@ or by the guarded connection, which resolves and checks before it connects.
 from __future__ import annotations
 
 import ipaddress
+from datetime import UTC, datetime
 
 import pytest
 import requests
 from pytest_httpserver import HTTPServer
 
 from imgproc.config import load_settings
-from imgproc.fetcher import Fetcher, FetchError
+from imgproc.fetcher import Fetcher, FetchError, retry_after_seconds
 from imgproc.netguard import BlockedAddress, is_public, literal_address, make_session
 from tests.conftest import make_image, serve
 
@@ -142,3 +143,39 @@ def test_gzip_encoded_body_is_decoded_and_capped_after_decoding(image_host: HTTP
     with pytest.raises(FetchError) as caught:
         fetcher.fetch(image_host.url_for("/bomb.jpg"))
     assert caught.value.reason == "too large (over 1 MiB)"
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("3", 3.0),
+        ("0", 1.0),  # a floor: a host answering "0" in a loop is not hammered
+        ("86400", 3600.0),  # a cap: longer than an hour is not waited for
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 1.0),  # a date in the past: at once (the floor)
+        ("soon", None),
+        ("", None),
+    ],
+)
+def test_retry_after_values(header: str, seconds: float | None) -> None:
+    assert retry_after_seconds(header) == seconds
+
+
+def test_retry_after_as_an_http_date() -> None:
+    now = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
+    assert retry_after_seconds("Mon, 23 Nov 2026 12:00:30 GMT", now) == 30.0
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_a_named_pause_is_reported_at_once_not_slept_on(
+    httpserver: HTTPServer, status: int
+) -> None:
+    """The fetcher hands the pause to its caller (the pipeline pauses the host without
+    holding a thread) instead of retrying after its own backoff."""
+    httpserver.expect_request("/p.jpg").respond_with_data(
+        "busy", status=status, headers={"Retry-After": "7"}
+    )
+    fetcher = Fetcher(load_settings({"allow_private_urls": True, "fetch_backoff": 5}))
+    with pytest.raises(FetchError) as caught:
+        fetcher.fetch(httpserver.url_for("/p.jpg"))
+    assert caught.value.reason == f"HTTP {status}" and caught.value.retry_after == 7.0
+    assert len(httpserver.log) == 1

@@ -72,13 +72,13 @@ def test_serve_refuses_a_bad_setting(tmp_path: Path) -> None:
         env={
             "PATH": "/usr/bin:/bin",
             "MONGODB_URI": "mongodb://127.0.0.1:1",
-            "IMGPROC_WORKERS": "none",
+            "IMGPROC_DOWNLOADS": "none",
             "IMGPROC_DATA_DIR": str(tmp_path),
         },
         cwd=Path(__file__).resolve().parent.parent,
     )
     assert result.returncode == 2
-    assert "configuration error: IMGPROC_WORKERS='none' is not valid" in result.stderr
+    assert "configuration error: IMGPROC_DOWNLOADS='none' is not valid" in result.stderr
 
 
 def test_sigterm_finishes_images_in_flight_and_releases_the_lease(

@@ -77,7 +77,7 @@ def test_a_graceful_stop_mid_batch_records_what_ran_and_hands_over_cleanly(
     paths = [f"/g{i}.jpg" for i in range(16)]
     hits = serve_slowly(image_host, paths, 0.4)
     rows = [(i + 1, f"P{i}", [image_host.url_for(p)]) for i, p in enumerate(paths)]
-    first = make_app(workers=4)
+    first = make_app(downloads=4)
     request_id = upload(first.test_client(), csv_bytes(rows)).get_json()["request_id"]
     deadline = time.monotonic() + 20
     while mongo.processing_requests.find_one({"_id": request_id})["images_done"] < 2:
@@ -94,7 +94,7 @@ def test_a_graceful_stop_mid_batch_records_what_ran_and_hands_over_cleanly(
     assert request["images_done"] == statuses.count("done") >= 2  # in flight: finished, counted
     assert errors_logged(caplog) == []
 
-    second = make_app(workers=4)
+    second = make_app(downloads=4)
     body = wait_terminal(second.test_client(), request_id, timeout=60)
     assert body["status"] == "completed" and body["progress"]["images_done"] == 16
     assert "taken over" not in caplog.text  # not treated as a crash...

@@ -27,7 +27,7 @@ def service_env(mongo_uri: str, db_name: str, data_dir: Path) -> dict[str, str]:
         "IMGPROC_ALLOW_PRIVATE_URLS": "true",
         "IMGPROC_LEASE_SECONDS": "3",
         "IMGPROC_POLL_SECONDS": "0.2",
-        "IMGPROC_WORKERS": "2",
+        "IMGPROC_DOWNLOADS": "4",
         "IMGPROC_HTTP_WORKERS": "1",
     }
 

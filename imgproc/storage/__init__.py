@@ -99,8 +99,9 @@ def open_storage(settings: Settings, store: Store) -> Storage:
             settings.s3_bucket,
             prefix=settings.s3_prefix,
             endpoint_url=settings.s3_endpoint_url,
-            # One connection for each image thread and each HTTP thread serving /images/.
-            pool_size=settings.workers + 16,
+            # One connection for each storage thread of the pipeline and each HTTP thread
+            # serving /images/.
+            pool_size=32,
         )
     if settings.storage == "gridfs":
         from imgproc.storage.gridfs_bucket import GridFSStorage

@@ -64,8 +64,7 @@ class Worker:
         if self._dispatcher is not None:
             return
         self._pipeline = Pipeline(
-            self.settings,
-            lambda cpu: ImageWork(self.settings, self.fetcher, self.storage, self.store, cpu),
+            self.settings, ImageWork(self.settings, self.fetcher, self.storage, self.store)
         )
         self._shared = Shared(
             self.settings, self.store, self._pipeline, self.owner, self._stopping, self.wake
@@ -85,7 +84,15 @@ class Worker:
             target=dispatcher.run, name="imgproc-dispatch", daemon=True
         )
         self._dispatcher.start()
-        log.info("worker %s started with %d threads", self.owner, self.settings.workers)
+        log.info(
+            "worker %s started: %d downloads in flight (%d per host), %d codec slots, "
+            "%d MiB download buffer",
+            self.owner,
+            self.settings.download_slots,
+            self.settings.connections_per_host,
+            self.settings.codec_slots,
+            self.settings.buffer_bytes // 2**20,
+        )
 
     def wake(self) -> None:
         """Look for work now instead of at the next poll."""
@@ -108,7 +115,7 @@ class Worker:
             # A job's last flush and release come after the grace; give them a moment.
             thread.join(timeout=max(0.0, deadline + 5.0 - time.monotonic()))
         assert self._pipeline is not None
-        self._pipeline.shutdown()
+        self._pipeline.close()
         self.outbox.shutdown()
         with self._lock:
             left = [job.id for job, _thread in self._jobs.values()]

@@ -1,9 +1,10 @@
-"""One image: fetch → codec → storage → outcome.
+"""One image, in three stages run by the pipeline: download → codec → storage.
 
 What an image ends as is decided here, and only failures that belong to the image are
-final: its host answered an error (after the fetcher's retries), its bytes are not an image
-we can decode, it is too large, its address is blocked. Anything that is our side's trouble
-(the database or the storage unavailable, the process stopping) leaves the image unfinished
+final: its host answered an error (after the fetcher's retries, and after waiting as long as
+a ``Retry-After`` asked, within the download deadline), its bytes are not an image we can
+decode, it is too large, its address is blocked. Anything that is our side's trouble (the
+database or the storage unavailable, the process stopping) leaves the image unfinished
 (``Result.outcome`` None) for another pass by whoever holds the request. An exception of any
 other kind is a bug: logged with its traceback and recorded as "internal error".
 """
@@ -13,14 +14,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from imgproc import codec, metrics
-from imgproc.codec import CodecError
+from imgproc.codec import CodecError, Encoded
 from imgproc.config import Settings
 from imgproc.documents import ImageOutcome
-from imgproc.fetcher import Fetcher, FetchError
+from imgproc.fetcher import Budget, Fetched, Fetcher, FetchError
 from imgproc.logs import about
 from imgproc.models import ImageStatus, OutputFormat
 from imgproc.storage import Storage, StorageUnavailable, image_key
@@ -30,7 +32,7 @@ from imgproc.worker.plan import Result
 log = logging.getLogger(__name__)
 
 INTERNAL_ERROR = "internal error while processing the image"
-STORAGE_TRIES = 4  # puts per pass: ~3 s of backoff before the image is left for a later pass
+STORAGE_TRIES = 4  # puts per pass: ~2 s of backoff before the image is left for a later pass
 
 
 @dataclass(frozen=True)
@@ -46,9 +48,22 @@ class ImageTask:
     output_format: OutputFormat
     suspect: bool = False  # after a crash take-over: through the codec alone, attempt counted
 
+    def ended(self, outcome: ImageOutcome | None) -> Result:
+        """This image's one result."""
+        return Result(self.product_id, self.index, outcome)
+
+
+class RetryLater(Exception):
+    """The host asked to be left alone for ``seconds`` (429/503 with Retry-After)."""
+
+    def __init__(self, seconds: float, reason: str) -> None:
+        super().__init__(reason)
+        self.seconds = seconds
+        self.reason = reason
+
 
 class ImageWork:
-    """Runs image tasks; shared by all jobs of the process."""
+    """The stages of an image; shared by every job of the process."""
 
     def __init__(
         self,
@@ -56,92 +71,128 @@ class ImageWork:
         fetcher: Fetcher,
         storage: Storage,
         store: Store,
-        cpu: threading.Semaphore,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.settings = settings
         self.fetcher = fetcher
         self.storage = storage
         self.store = store
-        self.cpu = cpu
         self.sleep = sleep
         # Suspects go through the codec one at a time, each attempt counted just before, so
         # a process that dies of an image is charged to that image and to no neighbour.
         self.suspect_lane = threading.Lock()
 
-    def run(self, task: ImageTask, halted: Callable[[], bool]) -> Result:
-        """Process ``task``; always returns its one result."""
-        with about(task.request_id), metrics.IN_FLIGHT.track_inprogress():
-            outcome = self._outcome(task, halted)
-        if outcome is not None:
-            metrics.image_finished(outcome.fields())
-        return Result(task.product_id, task.index, outcome)
+    # ---- the stages (each returns the next stage's input, or the image's Result) ----------
 
-    def _outcome(self, task: ImageTask, halted: Callable[[], bool]) -> ImageOutcome | None:
-        where = {"url": task.url}
-        try:
-            if halted():
-                return None
+    def download(
+        self, task: ImageTask, halted: Callable[[], bool], budget: Budget, deadline: float
+    ) -> Fetched | Result:
+        """The image's bytes (holding their share of ``budget``), or how it ended.
+        RetryLater when the host asked for a pause that still fits before ``deadline``."""
+        if halted():
+            return task.ended(None)  # not started: left for the next claim
+        with self._ending(task, halted) as over:
             started = time.perf_counter()
-            fetched = self.fetcher.fetch(task.url)
+            try:
+                fetched = self.fetcher.fetch(task.url, budget)
+            except FetchError as exc:
+                if exc.retry_after is not None and time.monotonic() + exc.retry_after < deadline:
+                    raise RetryLater(exc.retry_after, exc.reason) from None
+                raise
             metrics.DOWNLOAD_SECONDS.observe(time.perf_counter() - started)
+            return fetched
+        return over.result
+
+    def compress(
+        self, task: ImageTask, data: bytes, halted: Callable[[], bool]
+    ) -> Encoded | Result:
+        """The output image, or how it ended."""
+        with self._ending(task, halted) as over:
             if task.suspect:
                 with self.suspect_lane:
                     self.store.count_attempt(task.product_id, task.index)
-                    outcome = self._compress_and_store(task, fetched.data, halted)
-            else:
-                outcome = self._compress_and_store(task, fetched.data, halted)
-        except (FetchError, CodecError) as exc:
-            log.info("row %d image %d failed: %s", task.row, task.index, exc.reason, extra=where)
-            return ImageOutcome.failed(exc.reason)
-        except (StorageUnavailable, DatabaseError) as exc:  # our side's trouble
-            log.warning(
-                "row %d image %d left for another pass: %s", task.row, task.index, exc, extra=where
-            )
-            return None
-        except Exception:
-            if halted():  # the process is stopping under it: not the image's fault
-                log.info("row %d image %d interrupted by shutdown", task.row, task.index)
-                return None
-            log.exception("row %d image %d: unexpected error", task.row, task.index, extra=where)
-            return ImageOutcome.failed(INTERNAL_ERROR)
-        log.debug(
-            "row %d image %d done: %s -> %s bytes",
-            task.row,
-            task.index,
-            outcome.input_bytes,
-            outcome.output_bytes,
-            extra=where,
-        )
-        return outcome
+                    return self._compress(task, data)
+            return self._compress(task, data)
+        return over.result
 
-    def _compress_and_store(
-        self, task: ImageTask, data: bytes, halted: Callable[[], bool]
-    ) -> ImageOutcome:
-        with self.cpu:
-            log.debug("row %d image %d: decoding %d bytes", task.row, task.index, len(data))
-            started = time.perf_counter()
-            encoded = codec.compress(
-                data,
-                quality=task.quality,
-                output_format=task.output_format,
-                max_pixels=self.settings.max_pixels,
-                keep_metadata=self.settings.keep_metadata,
-                jpeg_optimize=self.settings.jpeg_optimize,
+    def store_output(
+        self, task: ImageTask, input_bytes: int, encoded: Encoded, halted: Callable[[], bool]
+    ) -> Result:
+        """Store the output and say the image is done (or how it ended)."""
+        with self._ending(task, halted) as over:
+            key = image_key(task.request_id, task.row, task.index, encoded.extension)
+            self._put(key, encoded.data, halted)
+            outcome = ImageOutcome(
+                ImageStatus.DONE,
+                output_key=key,
+                input_bytes=input_bytes,
+                output_bytes=len(encoded.data),
+                width=encoded.width,
+                height=encoded.height,
+                format=encoded.format,
+                kept_original=encoded.kept_original,
             )
-            metrics.COMPRESS_SECONDS.observe(time.perf_counter() - started)
-        key = image_key(task.request_id, task.row, task.index, encoded.extension)
-        self._put(key, encoded.data, halted)
-        return ImageOutcome(
-            ImageStatus.DONE,
-            output_key=key,
-            input_bytes=len(data),
-            output_bytes=len(encoded.data),
-            width=encoded.width,
-            height=encoded.height,
-            format=encoded.format,
-            kept_original=encoded.kept_original,
+            log.debug(
+                "row %d image %d done: %d -> %d bytes",
+                task.row,
+                task.index,
+                input_bytes,
+                len(encoded.data),
+                extra={"url": task.url},
+            )
+            return task.ended(outcome)
+        return over.result
+
+    # ---- helpers --------------------------------------------------------------------------
+
+    @contextmanager
+    def _ending(self, task: ImageTask, halted: Callable[[], bool]) -> Iterator[_Holder]:
+        """Run a stage in the request's log context; what it raises becomes the image's end,
+        by whose trouble it is (see the module docstring)."""
+        holder = _Holder()
+        where = {"url": task.url}
+        with about(task.request_id):
+            try:
+                yield holder
+            except RetryLater:
+                raise
+            except (FetchError, CodecError) as exc:
+                log.info(
+                    "row %d image %d failed: %s", task.row, task.index, exc.reason, extra=where
+                )
+                holder.result = task.ended(ImageOutcome.failed(exc.reason))
+            except (StorageUnavailable, DatabaseError) as exc:  # our side's trouble
+                log.warning(
+                    "row %d image %d left for another pass: %s",
+                    task.row,
+                    task.index,
+                    exc,
+                    extra=where,
+                )
+                holder.result = task.ended(None)
+            except Exception:
+                if halted():  # the process is stopping under it: not the image's fault
+                    log.info("row %d image %d interrupted by shutdown", task.row, task.index)
+                    holder.result = task.ended(None)
+                else:
+                    log.exception(
+                        "row %d image %d: unexpected error", task.row, task.index, extra=where
+                    )
+                    holder.result = task.ended(ImageOutcome.failed(INTERNAL_ERROR))
+
+    def _compress(self, task: ImageTask, data: bytes) -> Encoded:
+        log.debug("row %d image %d: decoding %d bytes", task.row, task.index, len(data))
+        started = time.perf_counter()
+        encoded = codec.compress(
+            data,
+            quality=task.quality,
+            output_format=task.output_format,
+            max_pixels=self.settings.max_pixels,
+            keep_metadata=self.settings.keep_metadata,
+            jpeg_optimize=self.settings.jpeg_optimize,
         )
+        metrics.COMPRESS_SECONDS.observe(time.perf_counter() - started)
+        return encoded
 
     def _put(self, key: str, data: bytes, halted: Callable[[], bool]) -> None:
         """Store, riding out a short storage blip; StorageUnavailable if it lasts."""
@@ -155,3 +206,9 @@ class ImageWork:
                     raise
             self.sleep(delay)
             delay *= 2
+
+
+class _Holder:
+    """Where :meth:`ImageWork._ending` leaves the result of a stage that ended the image."""
+
+    result: Result

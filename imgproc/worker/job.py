@@ -17,7 +17,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
@@ -55,6 +54,11 @@ class Shared:
     wake: Callable[[], None]
     stop_deadline: list[float] = field(default_factory=lambda: [float("inf")])
 
+    @property
+    def feed_ahead(self) -> int:
+        """Tasks a job keeps queued in the pipeline: enough to fill every download slot."""
+        return self.settings.download_slots
+
 
 class Job:
     """Works on one claimed request until it is finished, handed back, lost or stopped."""
@@ -66,8 +70,6 @@ class Job:
         self.shared = shared
         self.products: dict[str, OpenProduct] = {}
         self.results: queue.Queue[Result] = queue.Queue()
-        self.futures: set[Future[None]] = set()  # started in the pipeline, not done yet
-        self._futures_lock = threading.Lock()
         self.lost = False  # another process holds the lease now
         self.renewed_at = time.monotonic()
 
@@ -173,48 +175,52 @@ class Job:
     def _pass(self) -> int:
         """Feed every open image to the pipeline and write the results; how many were
         recorded. Waits for everything it started before returning."""
-        tasks = self._tasks()
-        task: ImageTask | None = None
+        pipeline = self.shared.pipeline
+        pages = self._pages()
         feeding = True
         failure: DatabaseError | None = None
         buffer: list[Result] = []
         first_at = 0.0
         recorded = 0
-        while True:
-            if feeding and self.halted():
-                feeding = False
-                self._cancel_queued()
-            if feeding and task is None:
-                try:
-                    task = next(tasks, None)
-                except DatabaseError as exc:
-                    failure = exc
-                feeding = task is not None
-            if task is not None:
-                future = self.shared.pipeline.submit(
-                    task, self.results.put, self.halted, timeout=0.02
+        pipeline.attach(self, self.results.put, self.halted)
+        try:
+            while True:
+                if feeding and self.halted():
+                    feeding = False
+                    pipeline.drop_queued(self)  # not started: left open for the next claim
+                while feeding and pipeline.queued(self) < self.shared.feed_ahead:
+                    try:
+                        page = next(pages, None)
+                    except DatabaseError as exc:
+                        failure, page = exc, None
+                    if page is None:
+                        feeding = False
+                        break
+                    pipeline.add(self, page)
+                buffer.extend(self._collect(0.05))
+                if buffer and not first_at:
+                    first_at = time.monotonic()
+                out_of_grace = time.monotonic() > self.shared.stop_deadline[0]
+                # Outstanding first: the pipeline hands a result over before it counts it
+                # delivered, so with nothing outstanding every result is already queued.
+                drained = (
+                    not feeding
+                    and (not pipeline.outstanding(self) or out_of_grace)
+                    and self.results.empty()
                 )
-                if future is not None:
-                    self._started(future)
-                    task = None
-            buffer.extend(self._collect(0.0 if feeding else 0.05))
-            if buffer and not first_at:
-                first_at = time.monotonic()
-            out_of_grace = time.monotonic() > self.shared.stop_deadline[0]
-            # Futures first: a task delivers its result before its future is done, so with
-            # no future left every result is already in the queue.
-            drained = not feeding and (not self.futures or out_of_grace) and self.results.empty()
-            if buffer and (
-                drained
-                or len(buffer) >= FLUSH_RESULTS
-                or time.monotonic() - first_at >= FLUSH_SECONDS
-            ):
-                recorded += self._flush(buffer)
-                buffer, first_at = [], 0.0
-            if drained and not buffer:
-                if failure is not None:
-                    raise failure
-                return recorded
+                if buffer and (
+                    drained
+                    or len(buffer) >= FLUSH_RESULTS
+                    or time.monotonic() - first_at >= FLUSH_SECONDS
+                ):
+                    recorded += self._flush(buffer)
+                    buffer, first_at = [], 0.0
+                if drained and not buffer:
+                    if failure is not None:
+                        raise failure
+                    return recorded
+        finally:
+            pipeline.detach(self)
 
     def _collect(self, timeout: float) -> list[Result]:
         """The results waiting now (after up to ``timeout`` for a first one)."""
@@ -228,25 +234,9 @@ class Job:
             pass
         return collected
 
-    def _started(self, future: Future[None]) -> None:
-        with self._futures_lock:
-            self.futures.add(future)
-        future.add_done_callback(self._ended)
-
-    def _ended(self, future: Future[None]) -> None:
-        with self._futures_lock:
-            self.futures.discard(future)
-
-    def _cancel_queued(self) -> None:
-        """Queued images are dropped (left open for the next claim); running ones finish."""
-        with self._futures_lock:
-            queued = list(self.futures)
-        for future in queued:
-            future.cancel()
-
-    def _tasks(self) -> Iterator[ImageTask]:
-        """Every open image of the request, page by page (products whose images are all
-        written already go straight to the results, to be marked finished)."""
+    def _pages(self) -> Iterator[list[ImageTask]]:
+        """The open images of the request, a page of products at a time (products whose
+        images are all written already go straight to the results, to be marked finished)."""
         store = self.shared.store
         for start in range(0, self.total, PAGE):
             if self.halted():
@@ -255,8 +245,9 @@ class Job:
             if products:
                 last = products[-1]["row"] + 1
                 self._retrying(partial(store.mark_fed, self.id, last))
-            for product in products:
-                yield from self._open_images(product)
+            page = [task for product in products for task in self._open_images(product)]
+            if page:
+                yield page
 
     def _open_images(self, product: Doc) -> Iterator[ImageTask]:
         images = product["images"]

@@ -1,0 +1,174 @@
+"""The download pipeline on real origins: connections per host bounded and reused, a
+Retry-After honoured without holding a slot, a slow host never holding back another,
+requests sharing the pipe, and the memory budget for downloaded bytes."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from imgproc.worker.pipeline import ByteBudget
+from tests.conftest import csv_bytes, make_image, upload, wait_terminal
+from tests.origin import Origin
+
+IMAGE = make_image(120, 80)
+
+
+@pytest.fixture
+def origin() -> Iterator[Origin]:
+    server = Origin()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def other_origin() -> Iterator[Origin]:
+    server = Origin()
+    yield server
+    server.stop()
+
+
+def submit(client: FlaskClient, urls: list[str], per_row: int = 1) -> str:
+    rows = [
+        (n + 1, f"P{n}", urls[start : start + per_row])
+        for n, start in enumerate(range(0, len(urls), per_row))
+    ]
+    response = upload(client, csv_bytes(rows))
+    assert response.status_code == 202, response.get_json()
+    return str(response.get_json()["request_id"])
+
+
+def images_done(client: FlaskClient, request_id: str) -> int:
+    body = client.get(f"/csv/status/{request_id}?limit=1").get_json()
+    return int(body["progress"]["images_done"])
+
+
+def test_connections_to_one_host_never_exceed_the_limit_and_are_reused(
+    make_app: Callable[..., Flask], origin: Origin, other_origin: Origin
+) -> None:
+    client = make_app(downloads=32, max_connections_per_host=3).test_client()
+    slow = [origin.route(f"/a{i}.jpg", IMAGE, latency=0.15) for i in range(24)]
+    fast = [other_origin.route(f"/b{i}.jpg", IMAGE, latency=0.15) for i in range(24)]
+    body = wait_terminal(client, submit(client, slow + fast, per_row=4), timeout=60)
+
+    assert body["progress"]["images_done"] == 48
+    for host in (origin, other_origin):
+        assert host.most_active == 3  # the limit, and all of it used
+        assert host.connections() <= 6  # kept alive and reused, not one per image
+        assert len(host.seen) == 24
+
+
+def test_retry_after_is_honoured_and_the_host_is_left_alone_meanwhile(
+    make_app: Callable[..., Flask], origin: Origin, other_origin: Origin
+) -> None:
+    client = make_app(downloads=8, max_connections_per_host=2, download_deadline=10.0)
+    client = client.test_client()
+    busy = origin.route("/busy.jpg", IMAGE, statuses=[(503, {"Retry-After": "1"})])
+    queued = [origin.route(f"/q{i}.jpg", IMAGE, latency=0.05) for i in range(6)]
+    later = other_origin.route("/later.jpg", IMAGE, statuses=[(429, {"Retry-After": "60"})])
+    body = wait_terminal(client, submit(client, [busy, *queued, later]), timeout=30)
+
+    images = [p["images"][0] for p in body["products"]]
+    assert [i["status"] for i in images[:7]] == ["done"] * 7
+    assert images[7]["error"] == "HTTP 429"  # a pause past the download deadline: failed
+    assert len(other_origin.seen) == 1  # ...and not asked again
+    paused = next(s for s in origin.seen if s.status == 503).at
+    retried = next(s for s in origin.seen if s.path == "/busy.jpg" and s.status == 200).at
+    assert retried - paused >= 0.95
+    # The host's other queued images waited out the pause too: nothing asked of it while
+    # it was paused (the one request already in flight when the 503 came aside).
+    assert not [s for s in origin.seen if 0.1 < s.at - paused < 0.95]
+
+
+def test_a_slow_host_does_not_hold_back_another(
+    make_app: Callable[..., Flask], origin: Origin, other_origin: Origin
+) -> None:
+    client = make_app(downloads=8).test_client()
+    slow = [origin.route(f"/s{i}.jpg", IMAGE, latency=3.0) for i in range(24)]
+    fast = [other_origin.route(f"/f{i}.jpg", IMAGE) for i in range(6)]
+    started = time.monotonic()
+    request_id = submit(client, slow + fast, per_row=6)  # slow images first in the file
+
+    deadline = started + 20
+    while images_done(client, request_id) < 6:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    took = time.monotonic() - started
+    assert took < 2.5  # the fast host's images, before any slow one could have come back
+    assert all(s.at - started < 2.5 for s in other_origin.seen)
+
+
+def test_requests_share_the_pipe_and_a_small_one_finishes_in_seconds(
+    make_app: Callable[..., Flask], origin: Origin, other_origin: Origin
+) -> None:
+    client = make_app(downloads=16).test_client()
+    big = [origin.route(f"/big{i}.jpg", IMAGE, latency=0.5) for i in range(64)]
+    bigger = [origin.route(f"/bigger{i}.jpg", IMAGE, latency=0.5) for i in range(64)]
+    small = [other_origin.route(f"/small{i}.jpg", IMAGE, latency=0.2) for i in range(4)]
+    first = submit(client, big, per_row=8)
+    second = submit(client, bigger, per_row=8)
+    time.sleep(0.5)
+    asked_at = time.monotonic()
+    little = submit(client, small, per_row=4)
+
+    body = wait_terminal(client, little, timeout=20)
+    assert body["status"] == "completed"
+    assert time.monotonic() - asked_at < 2.0  # not after the 128 slow images
+    assert images_done(client, first) < 64
+
+    wait_terminal(client, first, timeout=30)
+    # Shared, not one after the other: the second was half done when the first ended
+    # (one after the other, it would have had nothing but what the first left over).
+    assert images_done(client, second) >= 32
+
+
+def test_the_byte_budget_waits_for_room_but_never_for_ever() -> None:
+    budget = ByteBudget(1000)
+    budget.reserve(600)
+    budget.reserve(400)
+    got_in = threading.Event()
+
+    def third() -> None:
+        budget.reserve(300)
+        got_in.set()
+
+    waiter = threading.Thread(target=third)
+    waiter.start()
+    assert not got_in.wait(0.2)  # full: it waits
+    budget.release(400)
+    assert got_in.wait(2)
+    waiter.join()
+    assert budget.used == 900
+    budget.release(900)
+    budget.reserve(5000)  # alone, more than the budget: admitted rather than stuck
+    assert budget.used == 5000
+    budget.release(5000)
+
+
+def test_downloaded_bytes_stay_within_the_budget(
+    make_app: Callable[..., Flask], origin: Origin
+) -> None:
+    image = make_image(600, 400)  # ~60 KB; the budget holds three at a time
+    limit = 3 * len(image) + 1000
+    app = make_app(downloads=16, max_image_bytes=limit, download_buffer_bytes=limit)
+    client = app.test_client()
+    urls = [origin.route(f"/m{i}.jpg", image, latency=0.3) for i in range(24)]
+    request_id = submit(client, urls, per_row=6)
+    samples: list[float] = []
+    while client.get(f"/csv/status/{request_id}?limit=1").get_json()["status"] != "completed":
+        samples.append(buffered(client))
+        time.sleep(0.01)
+    assert max(samples) <= limit
+    assert max(samples) > 0
+
+
+def buffered(client: FlaskClient) -> float:
+    for line in client.get("/metrics").get_data(as_text=True).splitlines():
+        if line.startswith("imgproc_download_buffer_bytes "):
+            return float(line.split()[1])
+    raise AssertionError("no imgproc_download_buffer_bytes in /metrics")

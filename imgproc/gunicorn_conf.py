@@ -46,6 +46,11 @@ if _own_metrics_dir:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="imgproc-metrics-")
 _metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
 
+# One image worker per instance (imgproc.worker.election): the worker processes of this
+# master race for a lock file here; inherited by the workers through the environment.
+_instance_dir = tempfile.mkdtemp(prefix="imgproc-instance-")
+os.environ["_IMGPROC_INSTANCE_DIR"] = _instance_dir
+
 
 def on_starting(server: Any) -> None:
     """Start from zero: files of an earlier run would add old counts to the new ones."""
@@ -63,9 +68,10 @@ def child_exit(server: Any, worker: Any) -> None:
 
 
 def on_exit(server: Any) -> None:
-    """Remove the metrics directory if it was made here."""
+    """Remove the metrics directory if it was made here, and the instance directory."""
     if _own_metrics_dir:
         shutil.rmtree(_metrics_dir, ignore_errors=True)
+    shutil.rmtree(_instance_dir, ignore_errors=True)
 
 
 preload_app = False

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
+import os
 import threading
 import uuid
 from collections import OrderedDict
@@ -37,6 +38,7 @@ from imgproc.storage import Storage, StoredFile, open_storage, public_base
 from imgproc.store import DatabaseError, Store, connect
 from imgproc.webhooks import WebhookSender
 from imgproc.worker import Worker
+from imgproc.worker.election import INSTANCE_DIR_ENV, Election
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,9 @@ class Services:
         self.fetcher = Fetcher(settings)
         self.webhooks = WebhookSender(settings)
         self.worker = Worker(settings, self.store, self.storage, self.fetcher, self.webhooks)
+        self.election = Election(
+            os.environ.get(INSTANCE_DIR_ENV), start=self.worker.start, wake=self.worker.wake
+        )
         self._ready = False
         self._ready_lock = threading.Lock()
         self._finished: OrderedDict[str, Doc] = OrderedDict()  # product id -> final document
@@ -110,12 +115,15 @@ class Services:
                 self._ready = True
 
     def start(self) -> None:
-        """Start the background worker of this process."""
-        self.worker.start()
+        """Run the image worker in this process, or in the one of the instance that holds
+        its lock (see :mod:`imgproc.worker.election`)."""
+        self.election.begin()
 
     def close(self, grace: float | None = None) -> None:
         """Stop the worker gracefully and close connections."""
+        self.election.end()
         self.worker.stop(grace)
+        self.election.resign()
         self.fetcher.close()
         self.webhooks.close()
         self.client.close()
@@ -179,7 +187,7 @@ class Services:
             parsed.image_count,
             extra={"request_id": request_id},
         )
-        self.worker.wake()
+        self.election.notify()
         return Created(request_id, RequestStatus.PENDING.value, len(products), parsed.image_count)
 
     def _replay(self, earlier: Doc, digest: str, now: datetime) -> Created | None:

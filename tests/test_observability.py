@@ -141,5 +141,7 @@ def test_metrics_add_up_over_several_gunicorn_workers(
         assert scrape[("imgproc_http_requests_total", status_route)] >= polls
     lines = json_lines((tmp_path / "service.log").read_text())
     assert any(line["logger"] == "gunicorn.error" for line in lines)  # gunicorn's own, as JSON
-    started = [line["pid"] for line in lines if "started with" in line["message"]]
-    assert len(started) == len(set(started)) == 3  # each worker's line once, no echo
+    booted = [line["pid"] for line in lines if line["message"].startswith("Booting worker")]
+    assert len(booted) == len(set(booted)) == 3  # each worker's line once, no echo
+    started = [line["pid"] for line in lines if "downloads in flight" in line["message"]]
+    assert len(started) == 1  # one image pipeline in the instance (imgproc.worker.election)

@@ -1,0 +1,105 @@
+"""One image worker per instance: of a gunicorn's worker processes exactly one runs the
+pipeline (so its bounds hold per instance); an upload served by any of them starts at once;
+when the one running it dies, another takes over and the batch completes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from pytest_httpserver import HTTPServer
+
+from tests.conftest import csv_bytes, make_image, serve, serve_slowly
+from tests.processes import Service, start_gunicorn, wait_images_done, wait_terminal_http
+from tests.test_worker_recovery import service_env
+
+pytestmark = pytest.mark.slow
+
+LEADS = "runs the instance's image worker"
+
+
+def leaders(service: Service) -> list[int]:
+    """The pids that logged taking the instance's worker lock, in order."""
+    found = []
+    for line in service.log.read_text().splitlines():
+        if LEADS in line:
+            found.append(int(json.loads(line)["pid"]))
+    return found
+
+
+def wait_leaders(service: Service, count: int, timeout: float = 20) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while len(found := leaders(service)) < count:
+        assert time.monotonic() < deadline, f"{count} leaders expected, saw {found}"
+        time.sleep(0.05)
+    return found
+
+
+def test_one_process_runs_the_work_and_any_process_starts_it(
+    image_host: HTTPServer, mongo_uri: str, db_name: str, tmp_path: Path
+) -> None:
+    # A poll of a minute: only the wake-up from the process that took the upload can start
+    # the work within seconds.
+    env = {
+        **service_env(mongo_uri, db_name, tmp_path / "data"),
+        "IMGPROC_HTTP_WORKERS": "3",
+        "IMGPROC_POLL_SECONDS": "60",
+    }
+    service = start_gunicorn(env, tmp_path / "service.log")
+    try:
+        (leader,) = wait_leaders(service, 1)
+        url = serve(image_host, "/e.jpg", make_image())
+        for attempt in range(6):  # fresh connections: the three processes share them out
+            asked = time.monotonic()
+            created = requests.post(
+                f"{service.url}/csv/upload",
+                files={"file": ("p.csv", csv_bytes([(1, f"A{attempt}", [url])]))},
+                headers={"Connection": "close"},
+                timeout=10,
+            )
+            body = wait_terminal_http(service.url, created.json()["request_id"], timeout=10)
+            assert body["status"] == "completed"
+            assert time.monotonic() - asked < 5
+        time.sleep(0.5)
+        assert leaders(service) == [leader]  # still the one, no other ever started
+        started = [line for line in service.log.read_text().splitlines() if "in flight" in line]
+        assert len(started) == 1  # one pipeline in the instance
+    finally:
+        service.stop()
+
+
+def test_another_process_takes_over_when_the_one_running_the_work_dies(
+    image_host: HTTPServer, mongo_uri: str, db_name: str, mongo: Any, tmp_path: Path
+) -> None:
+    paths = [f"/t{i}.jpg" for i in range(16)]
+    serve_slowly(image_host, paths, 0.3)
+    env = {
+        **service_env(mongo_uri, db_name, tmp_path / "data"),
+        "IMGPROC_HTTP_WORKERS": "2",
+        "IMGPROC_DOWNLOADS": "2",
+    }
+    service = start_gunicorn(env, tmp_path / "service.log")
+    try:
+        (first,) = wait_leaders(service, 1)
+        rows = [(i + 1, f"P{i}", [image_host.url_for(p)]) for i, p in enumerate(paths)]
+        created = requests.post(
+            f"{service.url}/csv/upload", files={"file": ("p.csv", csv_bytes(rows))}, timeout=10
+        )
+        request_id = created.json()["request_id"]
+        wait_images_done(service.url, request_id, 2)
+        os.kill(first, signal.SIGKILL)  # the process running the pipeline, not the instance
+
+        _first, second = wait_leaders(service, 2)
+        assert second != first
+        body = wait_terminal_http(service.url, request_id, timeout=60)
+        assert body["status"] == "completed"
+        assert body["progress"]["images_done"] == 16
+        assert mongo.processing_requests.count_documents({}) == 1
+    finally:
+        service.stop()

@@ -168,7 +168,7 @@ class Chaos:
             "IMGPROC_ALLOW_PRIVATE_URLS": "true",
             "IMGPROC_LEASE_SECONDS": "2",
             "IMGPROC_POLL_SECONDS": "0.2",
-            "IMGPROC_WORKERS": "2",
+            "IMGPROC_DOWNLOADS": "4",
             "IMGPROC_HTTP_WORKERS": "1",
             "IMGPROC_DB_TIMEOUT_MS": "1000",
             "IMGPROC_CONNECT_TIMEOUT": "2",

@@ -4,11 +4,9 @@ HTML, CSS and JavaScript in ``imgproc/static`` are served as they are."""
 
 from __future__ import annotations
 
-from functools import cache
-from pathlib import Path
-
 from flask import Blueprint, Response
 
+from imgproc.api import html_page
 from imgproc.api.openapi import doc
 
 bp = Blueprint("dashboard", __name__)
@@ -19,12 +17,6 @@ CONTENT_SECURITY_POLICY = (
     "style-src 'self'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
     "form-action 'none'"
 )
-
-
-@cache
-def _page() -> bytes:
-    """The page's bytes, read once per process (it is part of the package)."""
-    return (Path(__file__).resolve().parent.parent / "static" / "dashboard.html").read_bytes()
 
 
 @bp.get("/")
@@ -40,9 +32,4 @@ def _page() -> bytes:
 )
 def index() -> Response:
     """The dashboard page; its script talks to the JSON API."""
-    response = Response(_page(), mimetype="text/html")
-    response.headers["Cache-Control"] = "no-cache"
-    response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    response.headers["Referrer-Policy"] = "no-referrer"
-    return response
+    return html_page("dashboard.html", CONTENT_SECURITY_POLICY)

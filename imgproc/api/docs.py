@@ -13,6 +13,7 @@ from pathlib import Path
 
 from flask import Blueprint, Response, request
 
+from imgproc.api import html_page
 from imgproc.api.openapi import doc
 
 bp = Blueprint("docs", __name__)
@@ -24,12 +25,6 @@ CONTENT_SECURITY_POLICY = (
 )
 ASSETS = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css"}
 ONE_DAY = 24 * 3600
-
-
-@cache
-def _page() -> bytes:
-    """The page's bytes, read once per process (it is part of the package)."""
-    return (Path(__file__).resolve().parent.parent / "static" / "docs.html").read_bytes()
 
 
 @cache
@@ -54,12 +49,7 @@ def swagger_ui_dist() -> Path:
 )
 def docs() -> Response:
     """The Swagger UI page; its script loads /openapi.json."""
-    response = Response(_page(), mimetype="text/html")
-    response.headers["Cache-Control"] = "no-cache"
-    response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    response.headers["Referrer-Policy"] = "no-referrer"
-    return response
+    return html_page("docs.html", CONTENT_SECURITY_POLICY)
 
 
 @bp.get("/docs/swagger-ui-bundle.js")

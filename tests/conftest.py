@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import hypothesis
 import pymongo
 import pytest
 from flask import Flask
@@ -23,6 +24,12 @@ from werkzeug import Request, Response
 
 from imgproc import create_app, embedded_db
 from tests.s3server import S3Server
+
+# Hypothesis explores new examples on every local run (that is how it finds bugs), but CI
+# replays a fixed set, so a red CI run is a regression, never a newly drawn example.
+hypothesis.settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI") == "true":
+    hypothesis.settings.load_profile("ci")
 
 TERMINAL = ("completed", "completed_with_errors", "failed")
 S3_BUCKET = "imgproc"

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import json
+import logging
+import signal
+import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from pytest_httpserver import HTTPServer
 from standardwebhooks.webhooks import Webhook
+from werkzeug import Request, Response
 
+from imgproc import embedded_db
 from tests.conftest import csv_bytes, make_image, serve, upload, wait_terminal
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -156,3 +163,56 @@ def test_delivery_resumes_in_a_new_process(
     second = make_app(webhook_retry_delays=(1.0,)).test_client()
     body = wait_webhook(second, request_id, "delivered")
     assert body["webhook"]["attempts"] == 2
+
+
+def test_a_database_lost_mid_delivery_is_retried_quietly(
+    make_app: Callable[..., Flask],
+    image_host: HTTPServer,
+    webhook_receiver: HTTPServer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The database dies between the POST and the write that records it: the delivery is
+    not recorded, its claim runs out and it is sent again (same webhook-id) once the
+    database is back. A database outage is not a bug: a warning, no traceback."""
+    database = embedded_db.start(str(tmp_path / "db"), log_path=str(tmp_path / "db.log"))
+    servers = [database]
+    restarted = threading.Event()
+
+    def kill_the_database_then_answer(_request: Request) -> Response:
+        if not restarted.is_set():
+            database.process.send_signal(signal.SIGKILL)
+            database.process.wait()
+            threading.Timer(1.0, restart).start()
+        return Response("ok")
+
+    def restart() -> None:
+        servers.append(
+            embedded_db.start(
+                str(tmp_path / "db"), port=database.port, log_path=str(tmp_path / "db2.log")
+            )
+        )
+        restarted.set()
+
+    webhook_receiver.expect_request("/hook").respond_with_handler(kill_the_database_then_answer)
+    app = make_app(
+        mongodb_uri=database.uri,
+        db_timeout_ms=500,
+        lease_seconds=2.0,
+        connect_timeout=1.0,
+        webhook_timeout=1.0,
+    )
+    client = app.test_client()
+    try:
+        request_id = start_batch(client, image_host, webhook_receiver)
+        assert restarted.wait(30)
+        body = wait_webhook(client, request_id, "delivered", timeout=30)
+        ids = {call.headers["webhook-id"] for call in calls(webhook_receiver)}
+        assert len(calls(webhook_receiver)) == 2 and ids == {f"msg_{request_id}"}
+        assert body["webhook"]["attempts"] == 1  # the attempt that could not be recorded
+        assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+        assert "it will be tried again" in caplog.text
+    finally:
+        app.extensions["imgproc"].close(grace=1)
+        for server in servers:
+            server.stop()

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 
 from imgproc.config import Settings
-from imgproc.store import DatabaseDown, Store
+from imgproc.store import DatabaseError, Store
 from imgproc.worker.job import Job
 from imgproc.worker.outbox import Outbox
 
@@ -51,7 +51,7 @@ class Dispatcher:
                 self.claim_requests()
                 self.outbox.claim_due(self.stopping.is_set)
                 failures = 0
-            except DatabaseDown as exc:
+            except DatabaseError as exc:
                 failures += 1
                 log.warning("database unavailable, dispatcher retrying: %s", exc)
             except Exception:

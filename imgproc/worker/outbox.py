@@ -15,7 +15,7 @@ from imgproc.config import Settings
 from imgproc.documents import Doc
 from imgproc.logs import about
 from imgproc.reports import base_url, webhook_payload
-from imgproc.store import Store
+from imgproc.store import DatabaseError, Store
 from imgproc.webhooks import WebhookSender, message_id
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,15 @@ class Outbox:
         with about(request_id):
             try:
                 self._deliver(request_id, request)
+            except DatabaseError as exc:  # the claim expires and the delivery is tried again
+                log.warning(
+                    "request %s: webhook attempt not recorded, database unavailable (%s); "
+                    "it will be tried again",
+                    request_id,
+                    exc,
+                )
             except Exception:
-                # The claim expires and the delivery is tried again; never kill the thread.
+                # A bug: the claim expires and the delivery is tried again; never kill the thread.
                 log.exception("request %s: webhook delivery crashed", request_id)
 
     def _deliver(self, request_id: str, request: Doc) -> None:

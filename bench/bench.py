@@ -24,9 +24,7 @@ import argparse
 import io
 import json
 import os
-import random
 import signal
-import socketserver
 import subprocess
 import sys
 import tempfile
@@ -38,88 +36,20 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from PIL import Image, ImageEnhance
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from photos import CATALOGUE_SET, photo  # noqa: E402
+from image_host import ImageHost  # noqa: E402
+from photos import catalogue_images  # noqa: E402
 
 from imgproc.embedded_db import free_port  # noqa: E402
 
-WIDTHS = [2000, 1600, 1200, 1000, 800, 600]
+__all__ = ["ImageHost", "RssSampler", "catalogue_images", "csv_for", "start_service"]
+
 TARGETS = {"ratio": 0.85, "big_accept_s": 2.0, "status_p99_ms": 100.0, "app_peak_rss_mb": 400.0}
-
-
-def catalogue_images(count: int, seed: int = 7) -> list[bytes]:
-    """``count`` distinct JPEGs (q90) from real photographs at catalogue sizes."""
-    rng = random.Random(seed)
-    sources = [photo(name) for name in CATALOGUE_SET]
-    images = []
-    for index in range(count):
-        source = sources[index % len(sources)]
-        width = WIDTHS[(index // len(sources)) % len(WIDTHS)]
-        height = round(width * source.height / source.width)
-        crop = rng.uniform(0.0, 0.08)
-        box = (
-            source.width * crop,
-            source.height * crop,
-            source.width * (1 - crop / 2),
-            source.height * (1 - crop / 2),
-        )
-        variant = source.resize((width, height), Image.Resampling.BICUBIC, box=box)
-        variant = ImageEnhance.Brightness(variant).enhance(rng.uniform(0.9, 1.1))
-        out = io.BytesIO()
-        variant.save(out, "JPEG", quality=90)
-        images.append(out.getvalue())
-    return images
-
-
-class ImageHost:
-    """A lean keep-alive HTTP/1.1 server on loopback serving prebuilt responses from memory
-    (/small/<n>.jpg is any n), so the image host takes little of the CPU it shares with
-    the service under test."""
-
-    def __init__(self, images: dict[str, bytes], small: bytes) -> None:
-        def response(data: bytes) -> bytes:
-            head = (
-                f"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\n"
-                f"Content-Length: {len(data)}\r\n\r\n"
-            ).encode()
-            return head + data
-
-        ready = {path: response(data) for path, data in images.items()}
-        small_response = response(small)
-        missing = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
-
-        class Handler(socketserver.StreamRequestHandler):
-            def handle(self) -> None:
-                while True:
-                    line = self.rfile.readline(65536)
-                    if not line:
-                        return
-                    path = line.split(b" ")[1].decode() if b" " in line else ""
-                    while self.rfile.readline(65536) not in (b"\r\n", b"\n", b""):
-                        pass  # headers
-                    if path.startswith("/small/"):
-                        self.wfile.write(small_response)
-                    else:
-                        self.wfile.write(ready.get(path, missing))
-
-        class Server(socketserver.ThreadingTCPServer):
-            daemon_threads = True
-            allow_reuse_address = True
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def __exit__(self, *_: object) -> None:
-        self.server.shutdown()
 
 
 def ceiling(images: list[bytes], quality: int) -> float:

@@ -57,7 +57,20 @@ def test_image_host_serves_in_parallel_after_its_latency() -> None:
 
 def test_bench_runs_and_reports() -> None:
     result = subprocess.run(
-        [sys.executable, "bench/bench.py", "--images", "6", "--big-rows", "40"],
+        [
+            sys.executable,
+            "bench/bench.py",
+            "--images",
+            "6",
+            "--latencies",
+            "0,0.2",
+            "--images-per-latency-s",
+            "30",
+            "--big-rows",
+            "40",
+            "--durability-products",
+            "200",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -65,14 +78,34 @@ def test_bench_runs_and_reports() -> None:
     )
     assert result.returncode in (0, 1), result.stdout + result.stderr  # 1: a target missed
     figures = json.loads(result.stdout.strip().splitlines()[-1])
-    assert figures["status"] == "completed"
-    assert figures["images_done"] == 6
-    assert figures["e2e_images_per_s"] > 0 and figures["ceiling_images_per_s"] > 0
-    assert figures["app_peak_rss_mb"] > 0
-    assert set(figures["peak_rss_mb"]) == {"launcher", "database", "gunicorn"}
-    assert figures["big_status"] == "completed" and figures["big_accept_s"] > 0
-    assert figures["status_p99_ms"] >= figures["status_p50_ms"] > 0
-    assert any(line.startswith("ratio ") for line in result.stdout.splitlines())
+    assert figures["ceiling_images_per_s"] > 0
+    assert [p["latency_s"] for p in figures["phases"]] == [0.0, 0.2]
+    assert [p["images"] for p in figures["phases"]] == [6, 12]  # whole passes over the 6
+    for phase in figures["phases"]:
+        assert phase["status"] == "completed"
+        assert phase["images_done"] == phase["images"]
+        assert phase["image_host"]["requests"] >= phase["images"]
+        assert phase["image_host"]["not_found"] == 0
+        assert phase["e2e_less_latency_images_per_s"] >= phase["e2e_images_per_s"] > 0
+        assert phase["ratio"] == pytest.approx(
+            phase["e2e_less_latency_images_per_s"] / figures["ceiling_images_per_s"], abs=0.002
+        )
+        assert phase["app_peak_rss_mb"] > 0
+        assert set(phase["peak_rss_mb"]) == {"launcher", "database", "gunicorn"}
+        assert phase["status_p99_ms"] >= phase["status_p50_ms"] > 0
+    # every request waited 0.2 s before its first byte, so the batch took longer than that
+    assert figures["phases"][1]["batch_s"] > 0.2
+    big = figures["big"]
+    assert big["status"] == "completed" and big["accept_s"] > 0
+    assert big["image_host"]["requests"] >= 80
+    assert big["status_p99_ms"] >= big["status_p50_ms"] > 0
+    durability = figures["durability"]
+    for concern in ("default", "w:1", "w:majority", "w:majority,j"):
+        assert durability[concern]["insert_s"] > 0
+        assert durability[concern]["bulk_128"]["p50_ms"] > 0
+        assert durability[concern]["update_one"]["p99_ms"] > 0
+    assert isinstance(figures["targets_missed"], list)
+    assert any(line.startswith("| 0.2 s ") for line in result.stdout.splitlines())
 
 
 def test_load_bench_runs_and_reports() -> None:

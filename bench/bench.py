@@ -731,7 +731,7 @@ def main() -> int:
         phase["ratio_steady"] = None if steady is None else round(steady / top, 3)
     result["app_peak_rss_mb"] = max(
         [phase["app_peak_rss_mb"] for phase in result["phases"]]
-        + [result["big"]["app_peak_rss_mb"]] * ("big" in result)
+        + ([result["big"]["app_peak_rss_mb"]] if "big" in result else [])
     )
     result["targets"] = TARGETS
     result["targets_missed"] = check_targets(result)

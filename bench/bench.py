@@ -67,7 +67,14 @@ from tables import markdown  # noqa: E402
 
 from imgproc.embedded_db import free_port  # noqa: E402
 
-__all__ = ["ImageHost", "RssSampler", "catalogue_images", "csv_for", "start_service"]
+__all__ = [
+    "ImageHost",
+    "RssSampler",
+    "catalogue_images",
+    "csv_for",
+    "start_service",
+    "stop_service",
+]
 
 # ratio: e2e images/s excluding one latency over the ceiling, at every latency.
 # status_p99_ms: in every phase (each batch, and the big CSV's run).

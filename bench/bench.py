@@ -32,7 +32,7 @@ accepted in < 1 s, status p99 < 100 ms in every phase.
 Usage: python bench/bench.py [--latencies 0,0.3,1.0] [--images 400]
                             [--images-per-latency-s 1600] [--big-rows 10000] [--quality 50]
                             [--storage local|gridfs|s3] [--durability-products 10000]
-                            [--profile]
+                            [--profile] [--keep]
 Service settings pass through the environment (e.g. IMGPROC_WORKERS=32 make bench).
 """
 
@@ -42,6 +42,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -642,6 +643,11 @@ def main() -> int:
         help="sample every service process with py-spy during each batch",
     )
     parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the services' data directories (logs, outputs, database; kept with --profile)",
+    )
+    parser.add_argument(
         "--storage",
         choices=("local", "gridfs", "s3"),
         default="local",
@@ -682,6 +688,7 @@ def main() -> int:
         "phases": [],
     }
     host = ImageHost(pool=images, small=small)
+    finished = False
     try:
         with host:
             for index, latency in enumerate(latencies):
@@ -714,9 +721,14 @@ def main() -> int:
                     stop_service(service, sampler)
                 progress("ceiling ...")
                 ceilings.append(ceiling(images, args.quality))
+        finished = True
     finally:
         if s3_server is not None:
             s3_server.stop()
+        if finished and not (args.keep or args.profile):
+            shutil.rmtree(work, ignore_errors=True)  # hundreds of MB of outputs and databases
+        else:
+            progress(f"kept the services' data, logs and profiles in {work}")
 
     if args.durability_products:
         progress("write concerns ...")

@@ -33,7 +33,7 @@ Usage: python bench/bench.py [--latencies 0,0.3,1.0] [--images 400]
                             [--images-per-latency-s 1600] [--big-rows 10000] [--quality 50]
                             [--storage local|gridfs|s3] [--durability-products 10000]
                             [--profile] [--keep]
-Service settings pass through the environment (e.g. IMGPROC_WORKERS=32 make bench).
+Service settings pass through the environment (e.g. IMGPROC_CPU_SLOTS=2 make bench).
 """
 
 from __future__ import annotations

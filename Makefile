@@ -34,7 +34,7 @@ $(NEWMAN): tests/tools/package.json tests/tools/package-lock.json
 	npm ci --prefix tests/tools --no-audit --no-fund --loglevel=error
 	touch $@
 
-bench: $(VENV)/.dev-deps  ## throughput vs the compress-only ceiling at origin latencies 0, 0.3, 1 s; a table and a JSON line
+bench: $(VENV)/.dev-deps  ## end-to-end throughput of a batch; prints a table and a JSON line
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
 
 bench-load: $(VENV)/.dev-deps  ## 20 concurrent uploads x 50 images while 50 status polls/s run for a minute

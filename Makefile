@@ -40,7 +40,7 @@ chaos: $(VENV)/.dev-deps  ## SEEDS seeded chaos runs per storage backend (from F
 	IMGPROC_CHAOS_SEEDS=$(FIRST)-$$(( $(FIRST) + $(SEEDS) - 1 )) \
 		$(BIN)/python -m pytest tests/test_chaos.py -p no:cacheprovider -q $(PYTEST_ARGS)
 
-bench: $(VENV)/.dev-deps  ## end-to-end throughput of a batch; prints a table and a JSON line
+bench: $(VENV)/.dev-deps  ## throughput vs the compress-only ceiling at origin latencies 0, 0.3, 1 s; a table and a JSON line
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
 
 bench-load: $(VENV)/.dev-deps  ## 20 concurrent uploads x 50 images while 50 status polls/s run for a minute

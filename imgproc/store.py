@@ -39,7 +39,7 @@ _TERMINAL_IMAGE = [s.value for s in TERMINAL_IMAGE]
 
 __all__ = ["Claim", "DatabaseDown", "DatabaseError", "Store", "connect"]
 
-ID_CHUNK = 100
+ID_CHUNK = 25  # ids per $in: 1,000 products in ~190 ms on the embedded server (100: ~380 ms)
 
 
 @dataclass(frozen=True)

@@ -170,6 +170,11 @@ def _validate(rows: Rows, *, max_rows: int, max_urls_per_row: int) -> ParsedCsv:
     problems.raise_if_any()
 
     schema = CsvRowSchema(max_urls=max_urls_per_row)
+    extra_columns = [
+        (index, name)
+        for index, name in enumerate(header)
+        if index not in roles.values() and name != OUTPUT_COLUMN
+    ]
     parsed_rows: list[ProductRow] = []
     serials: dict[int, int] = {}
     try:
@@ -178,7 +183,9 @@ def _validate(rows: Rows, *, max_rows: int, max_urls_per_row: int) -> ParsedCsv:
                 continue  # blank lines, common at the end of exported files
             if len(parsed_rows) >= max_rows:
                 raise InvalidCsv(f"the file has more than {max_rows} product rows")
-            row = _product(header, roles, schema, serials, row_number, cells, problems)
+            row = _product(
+                header, roles, extra_columns, schema, serials, row_number, cells, problems
+            )
             if row is not None:
                 parsed_rows.append(row)
     except _Unreadable as exc:
@@ -203,6 +210,7 @@ def _header(rows: Rows) -> tuple[int, list[str]]:
 def _product(
     header: list[str],
     roles: dict[str, int],
+    extra_columns: list[tuple[int, str]],
     schema: CsvRowSchema,
     serials: dict[int, int],
     row_number: int,
@@ -210,18 +218,21 @@ def _product(
     problems: _Problems,
 ) -> ProductRow | None:
     """One validated product row, or None with its problems recorded."""
-    cells = list(cells)
-    while len(cells) > len(header) and not cells[-1].strip():
-        cells.pop()  # trailing empty cells, as spreadsheets often write
-    if len(cells) > len(header):
-        problems.add(
-            row_number, None, f"has {len(cells)} cells but the header has {len(header)} columns"
-        )
-        return None
-    cells += [""] * (len(header) - len(cells))
+    if len(cells) != len(header):
+        cells = list(cells)
+        while len(cells) > len(header) and not cells[-1].strip():
+            cells.pop()  # trailing empty cells, as spreadsheets often write
+        if len(cells) > len(header):
+            problems.add(
+                row_number,
+                None,
+                f"has {len(cells)} cells but the header has {len(header)} columns",
+            )
+            return None
+        cells += [""] * (len(header) - len(cells))
     raw = {role: cells[index] for role, index in roles.items()}
     try:
-        loaded = schema.load(raw)
+        loaded = schema.load_row(raw)
     except ValidationError as exc:
         for role, messages in sorted(
             _flatten(exc.messages).items(), key=lambda item: roles.get(item[0], 0)
@@ -235,11 +246,7 @@ def _product(
         return None
     if not _claim_serial(serials, loaded["serial_number"], row_number, problems):
         return None
-    extra = {
-        name: cells[i]
-        for i, name in enumerate(header)
-        if i not in roles.values() and name != OUTPUT_COLUMN
-    }
+    extra = {name: cells[index] for index, name in extra_columns}
     return ProductRow(row=row_number, extra=extra, **loaded)
 
 

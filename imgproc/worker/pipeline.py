@@ -44,30 +44,46 @@ STORAGE_THREADS = 16  # puts in flight: GridFS and S3 puts take 10-100 ms each
 
 
 class ByteBudget:
-    """Bytes held by downloads between their first body byte and the end of their codec."""
+    """Bytes held by downloads between their first body byte and the end of their codec.
+
+    Waiters queue in order and a release wakes only those that now fit: with hundreds of
+    downloads waiting, waking them all on every release (a condition's notify_all) would
+    spend the GIL on threads that only go back to sleep, and starve the codec of it.
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
-        self._changed = threading.Condition()
+        self._lock = threading.Lock()
+        self._waiting: deque[tuple[int, threading.Event]] = deque()
 
     def reserve(self, size: int) -> None:
-        """Take ``size`` bytes, waiting while they would overrun the budget (one download
-        alone may always proceed, so nothing waits for ever)."""
-        with self._changed:
-            while self.used and self.used + size > self.limit:
-                self._changed.wait()
-            self.used += size
-        metrics.BUFFERED_BYTES.inc(size)
+        """Take ``size`` bytes, waiting in line while they would overrun the budget (one
+        download alone may always proceed, so nothing waits for ever)."""
+        with self._lock:
+            if not self._waiting and self._fits(size):
+                self.used += size
+                metrics.BUFFERED_BYTES.inc(size)
+                return
+            granted = threading.Event()
+            self._waiting.append((size, granted))
+        granted.wait()  # release() has counted our bytes in
 
     def release(self, size: int) -> None:
-        """Give ``size`` bytes back."""
+        """Give ``size`` bytes back, and let in whoever waits first, while they fit."""
         if not size:
             return
-        with self._changed:
+        with self._lock:
             self.used -= size
-            self._changed.notify_all()
-        metrics.BUFFERED_BYTES.dec(size)
+            metrics.BUFFERED_BYTES.dec(size)
+            while self._waiting and self._fits(self._waiting[0][0]):
+                wanted, granted = self._waiting.popleft()
+                self.used += wanted
+                metrics.BUFFERED_BYTES.inc(wanted)
+                granted.set()
+
+    def _fits(self, size: int) -> bool:
+        return not self.used or self.used + size <= self.limit
 
 
 def host_of(url: str) -> str:

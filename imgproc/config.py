@@ -59,7 +59,7 @@ class Settings:
     start_worker: bool = True
     downloads: int = 0  # 0: 128 per core (at most 1024)
     cpu_slots: int = 0  # 0: cores + 1
-    download_buffer_bytes: int = 0  # 0: an eighth of the memory, at most 512 MiB
+    download_buffer_bytes: int = 0  # 0: a sixteenth of the memory, at most 96 MiB
     max_connections_per_host: int = 0  # 0: as many as downloads
     worker_nice: int = 10
     max_active_requests: int = 16
@@ -115,7 +115,9 @@ class Settings:
         """Bytes of downloaded images waiting for the codec, at most (the memory budget)."""
         if self.download_buffer_bytes:
             return self.download_buffer_bytes
-        return max(2 * self.max_image_bytes, min(512 * MIB, memory_bytes() // 8))
+        # Enough to keep the codec fed for about a second at full speed (catalogue images
+        # are 0.1-1 MB); more only adds to the process's memory, not to its speed.
+        return max(2 * self.max_image_bytes, min(96 * MIB, memory_bytes() // 16))
 
     @property
     def connections_per_host(self) -> int:

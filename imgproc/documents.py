@@ -104,6 +104,7 @@ def new_request(
         "lease_until": EPOCH,
         "claims": 0,
         "fed_rows": 0,
+        "touched_rows": 0,
         "stalls": 0,
         "progress_at": now,
         "owner": owner,
@@ -194,6 +195,6 @@ class ProductWrite:
     finished: ProductStatus | None = None
 
     @property
-    def operations(self) -> int:
-        """How many updates this write takes (the outcomes, then the final status)."""
-        return bool(self.outcomes) + (self.finished is not None)
+    def useful(self) -> bool:
+        """Whether it writes anything."""
+        return bool(self.outcomes) or self.finished is not None

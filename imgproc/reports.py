@@ -123,27 +123,27 @@ def request_summary(request: Doc, root: str) -> Doc:
     return {**_head(request), **links(request, root)}
 
 
-def status_view(
-    request: Doc,
-    products: list[Doc],
-    root: str,
-    offset: int,
-    limit: int,
-    public_base: str | None = None,
-) -> Doc:
-    """The body of GET /csv/status/<id>."""
-    fed = int(request.get("fed_rows", 0)) if request["status"] == "processing" else 0
+def status_head(request: Doc, root: str) -> Doc:
+    """The body of GET /csv/status/<id> before its products (what changes with the request
+    document alone)."""
     return {
         **_head(request),
         "webhook": webhook_info(request),
         "output_csv_url": links(request, root)["output_csv_url"],
-        "products": [product_view(p, root, fed, public_base) for p in products],
-        "products_page": {
-            "offset": offset,
-            "limit": limit,
-            "total": request.get("products_total", 0),
-        },
     }
+
+
+def products_view(
+    request: Doc, products: list[Doc], root: str, public_base: str | None = None
+) -> list[Doc]:
+    """The ``products`` of the status body."""
+    fed = int(request.get("fed_rows", 0)) if request["status"] == "processing" else 0
+    return [product_view(p, root, fed, public_base) for p in products]
+
+
+def products_page(request: Doc, offset: int, limit: int) -> Doc:
+    """The ``products_page`` of the status body."""
+    return {"offset": offset, "limit": limit, "total": request.get("products_total", 0)}
 
 
 def webhook_payload(request: Doc, root: str) -> Doc:

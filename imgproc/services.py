@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import logging
 import os
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -33,7 +36,14 @@ from imgproc.models import (
     RequestStatus,
     UploadOptions,
 )
-from imgproc.reports import base_url, output_csv, request_summary, status_view
+from imgproc.reports import (
+    base_url,
+    output_csv,
+    products_page,
+    products_view,
+    request_summary,
+    status_head,
+)
 from imgproc.storage import Storage, StoredFile, open_storage, public_base
 from imgproc.store import DatabaseError, Store, connect
 from imgproc.webhooks import WebhookSender
@@ -45,7 +55,15 @@ log = logging.getLogger(__name__)
 # An Idempotency-Key reservation with no request after this long belongs to an upload whose
 # storing failed (the database went away mid-way): a retry with the key takes it over.
 STORING_GRACE = timedelta(seconds=30)
-STATUS_PAGES_CACHED = 64  # rendered status pages kept per process (by request, offset, limit)
+STATUS_PAGES_CACHED = 64
+# While a request is processed, a page's products are rendered again at most this often
+# (its head, with status and progress, is fresh on every poll).
+RENDER_EVERY_SECONDS = 1.0  # rendered status pages kept per process (by request, offset, limit)
+
+
+def _json(value: Any) -> bytes:
+    """Compact UTF-8 JSON."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def _valid_id(request_id: str) -> bool:
@@ -101,9 +119,13 @@ class Services:
         )
         self._ready = False
         self._ready_lock = threading.Lock()
-        self._finished: OrderedDict[str, Doc] = OrderedDict()  # product id -> final document
+        # Products as last read, while they cannot have changed since (see _products).
+        self._known: OrderedDict[str, Doc] = OrderedDict()
         self._cache_lock = threading.Lock()
-        self._pages: OrderedDict[tuple[str, int, int], tuple[int, dict[str, Any]]] = OrderedDict()
+        self._pages: OrderedDict[tuple[str, int, int], tuple[int, bytes]] = OrderedDict()
+        self._rendering: set[tuple[str, int, int]] = set()  # pages being rendered now
+        self._rendered_at: dict[tuple[str, int, int], float] = {}
+        self._renderer = ThreadPoolExecutor(1, thread_name_prefix="imgproc-status")
 
     def ensure_ready(self) -> None:
         """Create indexes once per process (at first use, not at import or start-up)."""
@@ -124,6 +146,7 @@ class Services:
         self.election.end()
         self.worker.stop(grace)
         self.election.resign()
+        self._renderer.shutdown(wait=False, cancel_futures=True)
         self.fetcher.close()
         self.webhooks.close()
         self.client.close()
@@ -180,6 +203,7 @@ class Services:
                 with contextlib.suppress(DatabaseError):  # the original error is the one to report
                     self.store.release_idempotency_key(scoped_key, request_id)
             raise
+        self._remember(products[: self.settings.status_cache_products // 2])
         log.info(
             "request %s accepted: %d products, %d images",
             request_id,
@@ -224,27 +248,66 @@ class Services:
         """The absolute URL root of a request's links."""
         return base_url(request, self.settings.public_url)
 
-    def status(
-        self, request_id: str, offset: int, limit: int, owner: str | None = None
-    ) -> dict[str, Any]:
-        """The status body of a request, one page of products."""
+    def status(self, request_id: str, offset: int, limit: int, owner: str | None = None) -> bytes:
+        """The status body of a request, one page of products, as JSON bytes.
+
+        The head (status, progress, webhook) is always the request document's of this very
+        call. The products are rendered once per change of the request; while it is being
+        processed, a poll gets the latest rendered list at once and a render of the newer
+        state starts in the background (at most once a second), so no poll waits for one
+        (but the first) and the list is at most about a second behind. Once the
+        request is terminal its products are rendered in line: a finished request never
+        comes with a list from before it finished.
+        """
         request = self._request(request_id, owner)
-        key = (request_id, offset, limit)
-        version = request.get("version", 0)
+        root = self.root(request)
+        terminal = request["status"] in TERMINAL_REQUEST
+        products = self._rendered_products(request, root, offset, limit, wait=terminal)
+        head = _json(status_head(request, root))
+        page = _json(products_page(request, offset, limit))
+        return head[:-1] + b',"products":' + products + b',"products_page":' + page + b"}"
+
+    def _rendered_products(
+        self, request: Doc, root: str, offset: int, limit: int, *, wait: bool
+    ) -> bytes:
+        """A page's products as JSON bytes: of this version of the request, or (unless
+        ``wait``) of an earlier one while this one is rendered in the background."""
+        key = (str(request["_id"]), offset, limit)
+        version = int(request.get("version", 0))
         with self._cache_lock:
             cached = self._pages.get(key)
-            if cached is not None and cached[0] == version:
+            if cached is not None:
                 self._pages.move_to_end(key)
-                return cached[1]  # nothing it shows has changed since it was rendered
-        stop = min(offset + limit, int(request.get("products_total", 0)))
-        products = self._products(request_id, offset, stop)
-        body = status_view(request, products, self.root(request), offset, limit, self.public_base)
-        with self._cache_lock:
-            self._pages[key] = (version, body)
-            self._pages.move_to_end(key)
-            while len(self._pages) > STATUS_PAGES_CACHED:
-                self._pages.popitem(last=False)
-        return body
+                if cached[0] == version:
+                    return cached[1]  # nothing it shows has changed since it was rendered
+                if not wait:
+                    due = self._rendered_at.get(key, 0.0) + RENDER_EVERY_SECONDS
+                    if key not in self._rendering and time.monotonic() >= due:
+                        self._rendering.add(key)
+                        self._renderer.submit(self._render, request, root, key, version)
+                    return cached[1]
+        return self._render(request, root, key, version)
+
+    def _render(self, request: Doc, root: str, key: tuple[str, int, int], version: int) -> bytes:
+        """Render a page's products for ``version`` of the request and keep the bytes."""
+        try:
+            _request_id, offset, limit = key
+            stop = min(offset + limit, int(request.get("products_total", 0)))
+            products = self._products(request, offset, stop)
+            body = _json(products_view(request, products, root, self.public_base))
+            with self._cache_lock:
+                cached = self._pages.get(key)
+                if cached is None or cached[0] < version:
+                    self._pages[key] = (version, body)
+                    self._pages.move_to_end(key)
+                    self._rendered_at[key] = time.monotonic()
+                while len(self._pages) > STATUS_PAGES_CACHED:
+                    old, _ = self._pages.popitem(last=False)
+                    self._rendered_at.pop(old, None)
+            return body
+        finally:
+            with self._cache_lock:
+                self._rendering.discard(key)
 
     def metrics(self) -> bytes:
         """The Prometheus exposition: every process's counters plus the database's figures."""
@@ -262,24 +325,40 @@ class Services:
             "next": _encode_cursor(page[-1]) if more else None,
         }
 
-    def _products(self, request_id: str, start: int, stop: int) -> list[Doc]:
-        """Products of rows [start, stop): finished ones from this process's cache (they
-        never change again), the rest from the database."""
+    def _products(self, request: Doc, start: int, stop: int) -> list[Doc]:
+        """Products of rows [start, stop), read from the database only when they may have
+        changed since this process last read them: a finished product never changes again,
+        and one at or above the request's ``touched_rows`` is still exactly as uploaded."""
+        request_id = str(request["_id"])
+        untouched_from = int(request.get("touched_rows", 0))
         ids = [product_id(request_id, row) for row in range(start, stop)]
         with self._cache_lock:
-            cached = {pid: self._finished[pid] for pid in ids if pid in self._finished}
-        missing = [pid for pid in ids if pid not in cached]
+            known = {pid: self._known[pid] for pid in ids if pid in self._known}
+        kept = {
+            pid: product
+            for pid, product in known.items()
+            if product["status"] in FINISHED_PRODUCT or product["row"] >= untouched_from
+        }
+        missing = [pid for pid in ids if pid not in kept]
         fetched = self.store.products_by_ids(missing) if missing else []
-        finished = [p for p in fetched if p["status"] in FINISHED_PRODUCT]
-        if finished:
-            with self._cache_lock:
-                for product in finished:
-                    self._finished[product["_id"]] = product
-                while len(self._finished) > self.settings.status_cache_products:
-                    self._finished.popitem(last=False)
-        products = list(cached.values()) + fetched
+        lasting = [
+            p for p in fetched if p["status"] in FINISHED_PRODUCT or p["row"] >= untouched_from
+        ]
+        self._remember(lasting)
+        products = list(kept.values()) + fetched
         products.sort(key=lambda product: product["_id"])
         return products
+
+    def _remember(self, products: list[Doc]) -> None:
+        """Keep products as they are now, for status pages (see :meth:`_products`)."""
+        if not products:
+            return
+        with self._cache_lock:
+            for product in products:
+                self._known[product["_id"]] = product
+                self._known.move_to_end(product["_id"])
+            while len(self._known) > self.settings.status_cache_products:
+                self._known.popitem(last=False)
 
     def output_csv(self, request_id: str, owner: str | None = None) -> Iterator[str]:
         """The output CSV of a finished request, streamed."""

@@ -410,10 +410,11 @@ class Store:
 
     def mark_fed(self, request_id: str, fed_rows: int) -> None:
         """Record that rows below ``fed_rows`` are handed to a pool (before they are), so a
-        take-over knows which products a dead process was working on."""
+        take-over knows which products a dead process was working on. ``touched_rows`` is
+        the same mark, never lowered: rows at or above it are still exactly as uploaded."""
         self.requests.update_one(
             {"_id": request_id},
-            {"$max": {"fed_rows": fed_rows}, "$inc": {"version": 1}},
+            {"$max": {"fed_rows": fed_rows, "touched_rows": fed_rows}, "$inc": {"version": 1}},
         )
 
     def count_attempt(self, product: str, index: int) -> None:
@@ -424,30 +425,31 @@ class Store:
     def record_outcomes(self, writes: list[ProductWrite]) -> int:
         """Write image outcomes and finished products' status, each image once.
 
-        Per product, in one ordered round trip: the outcomes, conditional on every image
-        they write being unfinished; then, when the write finishes the product, its final
-        status, conditional on the product being open and on every one of its images being
-        finished in the database (not only in this job's memory). Returns how many updates
-        modified a document: fewer than the writes' ``operations`` means someone else got
-        there first, or the database disagrees with the job, and the counters are recomputed.
+        One conditional update per product, all in one round trip: it matches only while
+        every image it writes is unfinished and, when it finishes the product, only while
+        the product is open and every one of its other images is finished in the database
+        (not only in this job's memory). Returns how many products were written: fewer than
+        ``len(writes)`` means someone else got there first, or the database disagrees with
+        the job; then the counters are recomputed, and anything still open is redone by the
+        next pass.
         """
         operations = []
         for write in writes:
-            if write.outcomes:
-                query: Doc = {"_id": write.product_id}
-                sets: Doc = {}
-                for index, outcome in write.outcomes.items():
-                    query[f"images.{index}.status"] = {"$nin": _TERMINAL_IMAGE}
-                    sets.update({f"images.{index}.{k}": v for k, v in outcome.items()})
-                operations.append(UpdateOne(query, {"$set": sets}))
+            query: Doc = {"_id": write.product_id}
+            sets: Doc = {}
+            for index, outcome in write.outcomes.items():
+                query[f"images.{index}.status"] = {"$nin": _TERMINAL_IMAGE}
+                sets.update({f"images.{index}.{k}": v for k, v in outcome.items()})
             if write.finished is not None:
-                finished: Doc = {"_id": write.product_id, "status": {"$in": _OPEN_PRODUCT}}
+                query["status"] = {"$in": _OPEN_PRODUCT}
                 for index in range(write.image_count):
-                    finished[f"images.{index}.status"] = {"$in": _TERMINAL_IMAGE}
-                operations.append(UpdateOne(finished, {"$set": {"status": write.finished.value}}))
+                    if index not in write.outcomes:
+                        query[f"images.{index}.status"] = {"$in": _TERMINAL_IMAGE}
+                sets["status"] = write.finished.value
+            operations.append(UpdateOne(query, {"$set": sets}))
         if not operations:
             return 0
-        return self.products.bulk_write(operations, ordered=True).modified_count
+        return self.products.bulk_write(operations, ordered=False).modified_count
 
     def add_progress(self, request_id: str, *, done: int, failed: int, products: int) -> None:
         """Bump the request's live counters."""

@@ -283,10 +283,10 @@ class Job:
 
         def write() -> int:
             plan = plan_flush(self.products, results)
-            if not plan.operations:
+            if not plan.writes:
                 return 0  # nothing finished (all left for another pass): nothing to write
             written = store.record_outcomes(plan.writes)
-            if written == plan.operations:
+            if written == len(plan.writes):
                 store.add_progress(
                     self.id, done=plan.done, failed=plan.failed, products=plan.finished
                 )

@@ -52,11 +52,6 @@ class FlushPlan:
     after: dict[str, OpenProduct]  # touched products still open after the writes
     closed: frozenset[str]  # touched products finished by the writes
 
-    @property
-    def operations(self) -> int:
-        """Updates the writes take; fewer modified means someone else got there first."""
-        return sum(write.operations for write in self.writes)
-
 
 def plan_flush(products: Mapping[str, OpenProduct], results: Sequence[Result]) -> FlushPlan:
     """The writes for ``results`` given the job's view ``products`` (not modified)."""
@@ -93,5 +88,5 @@ def plan_flush(products: Mapping[str, OpenProduct], results: Sequence[Result]) -
             continue
         writes[pid].finished = ProductStatus.FAILED if product.failed else ProductStatus.PROCESSED
         closed.add(pid)
-    useful = [write for write in writes.values() if write.operations]
+    useful = [write for write in writes.values() if write.useful]
     return FlushPlan(useful, done, failed, len(closed), after, frozenset(closed))

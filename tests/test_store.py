@@ -1,0 +1,114 @@
+"""The store's state changes against the real database: outcomes written once, a product
+finished only when the database agrees, counters and products repaired from the truth,
+claims that tell a crash take-over from a clean hand-back."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from imgproc.documents import ImageOutcome, ProductWrite, new_product, new_request, product_id
+from imgproc.models import ImageStatus, ProductRow, ProductStatus
+from imgproc.store import Store
+
+REQUEST = "0f8fad5b-d9cb-469f-a165-70867728950e"
+DONE = ImageOutcome(ImageStatus.DONE, output_key="k", input_bytes=9, output_bytes=4).fields()
+FAILED = ImageOutcome.failed("HTTP 404").fields()
+
+
+@pytest.fixture
+def store(mongo: Any) -> Store:
+    store = Store(mongo)
+    store.ensure_indexes()
+    rows = [
+        ProductRow(n + 2, n + 1, f"P{n}", ["http://a/1.jpg", "http://a/2.jpg"]) for n in range(2)
+    ]
+    products = [new_product(REQUEST, n, row) for n, row in enumerate(rows)]
+    request = new_request(
+        REQUEST,
+        store.clock(),
+        products_total=2,
+        images_total=4,
+        quality=50,
+        output_format="auto",
+        webhook_url=None,
+        header=["S. No.", "Product Name", "Input Image Urls"],
+        roles={"serial_number": 0, "product_name": 1, "input_urls": 2},
+        base_url="http://localhost",
+        owner=None,
+    )
+    store.create_request(request, products)
+    return store
+
+
+def product(store: Store, row: int) -> Any:
+    return store.products.find_one({"_id": product_id(REQUEST, row)})
+
+
+def test_outcomes_are_written_once_and_finish_the_product_with_them(store: Store) -> None:
+    first = ProductWrite(product_id(REQUEST, 0), 2, {0: DONE})
+    assert store.record_outcomes([first]) == 1
+    again = ProductWrite(product_id(REQUEST, 0), 2, {0: FAILED})
+    assert store.record_outcomes([again]) == 0  # already written: never overwritten
+    last = ProductWrite(product_id(REQUEST, 0), 2, {1: FAILED}, ProductStatus.FAILED)
+    assert store.record_outcomes([last]) == 1
+    stored = product(store, 0)
+    assert [i["status"] for i in stored["images"]] == ["done", "failed"]
+    assert stored["status"] == "failed"
+
+
+def test_a_product_is_finished_only_when_the_database_has_every_image(store: Store) -> None:
+    """The job believes image 0 was written (say its write was lost with a database that
+    broke its word): the finishing write does not apply, the product stays open, and the
+    recount shows the open image for the next pass."""
+    finishing = ProductWrite(product_id(REQUEST, 1), 2, {1: DONE}, ProductStatus.PROCESSED)
+    assert store.record_outcomes([finishing]) == 0
+    stored = product(store, 1)
+    assert stored["status"] == "pending"
+    assert [i["status"] for i in stored["images"]] == ["pending", "pending"]
+    counts = store.count_outcomes(REQUEST, 2)
+    assert (counts.images_done, counts.open_images, counts.misfinished) == (0, 4, ())
+
+
+def test_a_product_marked_finished_with_an_open_image_is_reopened(store: Store) -> None:
+    # The state an acknowledged-then-lost outcome left behind before writes were journaled.
+    store.products.update_one(
+        {"_id": product_id(REQUEST, 0)},
+        {"$set": {"status": "processed", "images.0.status": "done"}},
+    )
+    counts = store.count_outcomes(REQUEST, 2)
+    assert counts.misfinished == (product_id(REQUEST, 0),)
+    assert counts.products_done == 0 and counts.images_done == 1 and counts.open_images == 3
+    assert store.reopen_products(list(counts.misfinished)) == 1
+    assert product(store, 0)["status"] == "processing"
+    assert store.count_outcomes(REQUEST, 2).misfinished == ()
+
+
+def test_a_claim_tells_a_take_over_from_a_clean_hand_back(store: Store) -> None:
+    first = store.claim_request("a", 30)
+    assert first is not None and not first.takeover  # never held before
+    store.mark_fed(REQUEST, 2)
+    store.release_lease(REQUEST, "a")  # clean: nothing of a's in flight
+    second = store.claim_request("b", 30)
+    assert second is not None and not second.takeover and second.suspect_rows == 0
+    assert store.requests.find_one({"_id": REQUEST})["touched_rows"] == 2  # never lowered
+    store.mark_fed(REQUEST, 1)
+    store.requests.update_one(  # b dies: its lease runs out without a release
+        {"_id": REQUEST}, {"$set": {"lease_until": store.clock() - timedelta(seconds=1)}}
+    )
+    third = store.claim_request("c", 30)
+    assert third is not None and third.takeover and third.suspect_rows == 1
+    assert store.claim_request("d", 30) is None  # c holds it now
+
+
+def test_a_hand_back_after_a_pass_without_progress_waits_and_counts_the_stall(
+    store: Store,
+) -> None:
+    assert store.claim_request("a", 30) is not None
+    store.release_lease(REQUEST, "a", retry_at=store.clock() + timedelta(seconds=60))
+    assert store.claim_request("b", 30) is None  # not before its retry time
+    assert store.requests.find_one({"_id": REQUEST})["stalls"] == 1
+    store.add_progress(REQUEST, done=1, failed=0, products=0)
+    assert store.requests.find_one({"_id": REQUEST})["stalls"] == 0

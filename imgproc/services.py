@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from imgproc.config import Settings
-from imgproc.documents import EPOCH, Doc, new_product, new_request, product_id
+from imgproc.documents import EPOCH, Doc, new_product, new_request, product_id, upload_parts
 from imgproc.errors import (
     IdempotencyConflict,
     InvalidField,
@@ -181,6 +181,7 @@ class Services:
                     scoped_key, earlier["request_id"], request_id, digest
                 )
         products = [new_product(request_id, index, row) for index, row in enumerate(parsed.rows)]
+        parts = upload_parts(request_id, products)
         request = new_request(
             request_id,
             now,
@@ -193,11 +194,12 @@ class Services:
             roles=parsed.roles,
             base_url=root,
             owner=owner,
+            parts=len(parts),
             idempotency_key=scoped_key,
             file_digest=digest,
         )
         try:
-            self.store.create_request(request, products)
+            self.store.create_request(request, parts)
         except BaseException:
             if scoped_key:
                 with contextlib.suppress(DatabaseError):  # the original error is the one to report
@@ -341,6 +343,11 @@ class Services:
         }
         missing = [pid for pid in ids if pid not in kept]
         fetched = self.store.products_by_ids(missing) if missing else []
+        parts = int(request.get("parts", 0))
+        if parts and len(fetched) < len(missing):  # some not expanded from the upload yet
+            found = {p["_id"] for p in fetched}
+            unexpanded = [pid for pid in missing if pid not in found]
+            fetched += self.store.products_from_parts(request_id, parts, unexpanded)
         lasting = [
             p for p in fetched if p["status"] in FINISHED_PRODUCT or p["row"] >= untouched_from
         ]

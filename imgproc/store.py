@@ -17,9 +17,15 @@ from bson import ObjectId
 from pymongo import ASCENDING, DESCENDING, MongoClient, ReturnDocument, UpdateOne
 from pymongo.collection import Collection
 from pymongo.database import Database
-from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError
+from pymongo.errors import (
+    BulkWriteError,
+    ConnectionFailure,
+    DuplicateKeyError,
+    OperationFailure,
+    PyMongoError,
+)
 
-from imgproc.documents import EPOCH, Counters, Doc, ProductWrite, product_id
+from imgproc.documents import EPOCH, Counters, Doc, ProductWrite, product_id, upload_part_id
 from imgproc.models import (
     TERMINAL_IMAGE,
     ImageStatus,
@@ -90,6 +96,7 @@ class Store:
         self.requests: Collection[Doc] = db["processing_requests"]
         self.products: Collection[Doc] = db["products"]
         self.idempotency: Collection[Doc] = db["idempotency_keys"]
+        self.upload_parts: Collection[Doc] = db["upload_parts"]
         self.images = gridfs.GridFSBucket(db, bucket_name="images")
 
     # ---- set-up and health -------------------------------------------------------------
@@ -153,23 +160,48 @@ class Store:
 
     # ---- upload ------------------------------------------------------------------------
 
-    def create_request(self, request: Doc, products: list[Doc]) -> None:
-        """Store a request and all its products, or nothing.
+    def create_request(self, request: Doc, parts: list[Doc]) -> None:
+        """Store a request and all its products (in upload parts), or nothing.
 
-        Products go in first and the request document last: work is found through the
-        request, so until it exists the products are invisible, and on any failure they
-        are deleted again.
+        The parts go in first and the request document last: work is found through the
+        request, so until it exists the parts are invisible, and on any failure they are
+        deleted again. The worker expands them into products (:meth:`expand_upload`).
         """
         try:
-            # One call: the driver splits it into as few messages as the server's limits
-            # allow (48 MB, 100,000 documents), one round trip each instead of one per 1,000.
-            if products:
-                self.products.insert_many(products, ordered=False)
+            if parts:
+                self.upload_parts.insert_many(parts, ordered=False)
             self.requests.insert_one(request)
         except BaseException:
             with contextlib.suppress(PyMongoError):  # the original error is the one to report
-                self.products.delete_many({"request_id": request["_id"]})
+                self.upload_parts.delete_many({"_id": {"$in": [p["_id"] for p in parts]}})
             raise
+
+    def expand_upload(self, request_id: str, parts: int) -> None:
+        """Turn a request's upload parts into its product documents, once, whoever tries:
+        a part is removed only after its products are in, and products already in (an
+        expansion cut short and done again, or two processes at once) are left alone."""
+        for index in range(parts):
+            part = self.upload_parts.find_one({"_id": upload_part_id(request_id, index)})
+            if part is None:
+                continue  # expanded before
+            try:
+                self.products.insert_many(part["products"], ordered=False)
+            except BulkWriteError as exc:
+                details = exc.details
+                duplicates_only = all(e.get("code") == 11000 for e in details["writeErrors"])
+                if not duplicates_only or details.get("writeConcernErrors"):
+                    raise
+            self.upload_parts.delete_one({"_id": part["_id"]})
+        self.requests.update_one({"_id": request_id}, {"$set": {"parts": 0}})
+
+    def products_from_parts(self, request_id: str, parts: int, ids: list[str]) -> list[Doc]:
+        """Products among ``ids`` that are still only in the request's upload parts."""
+        wanted = set(ids)
+        found: list[Doc] = []
+        part_ids = [upload_part_id(request_id, index) for index in range(parts)]
+        for part in self.upload_parts.find({"_id": {"$in": part_ids}}):
+            found.extend(p for p in part["products"] if p["_id"] in wanted)
+        return found
 
     def reserve_idempotency_key(
         self, key: str, request_id: str, digest: str, ttl: timedelta

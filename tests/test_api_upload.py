@@ -41,7 +41,11 @@ def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
 
 
 def stored_counts(mongo: Any) -> tuple[int, int]:
-    return (mongo.processing_requests.count_documents({}), mongo.products.count_documents({}))
+    """Requests, and products in any form (expanded, or still in their upload's parts: the
+    worker may be expanding them while this counts)."""
+    ids = {p["_id"] for p in mongo.products.find({}, {"_id": 1})}
+    ids |= {p["_id"] for part in mongo.upload_parts.find() for p in part["products"]}
+    return (mongo.processing_requests.count_documents({}), len(ids))
 
 
 @pytest.mark.parametrize("path", ["/csv/upload", "/upload/"])

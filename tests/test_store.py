@@ -9,7 +9,14 @@ from typing import Any
 
 import pytest
 
-from imgproc.documents import ImageOutcome, ProductWrite, new_product, new_request, product_id
+from imgproc.documents import (
+    ImageOutcome,
+    ProductWrite,
+    new_product,
+    new_request,
+    product_id,
+    upload_parts,
+)
 from imgproc.models import ImageStatus, ProductRow, ProductStatus
 from imgproc.store import Store
 
@@ -38,8 +45,10 @@ def store(mongo: Any) -> Store:
         roles={"serial_number": 0, "product_name": 1, "input_urls": 2},
         base_url="http://localhost",
         owner=None,
+        parts=1,
     )
-    store.create_request(request, products)
+    store.create_request(request, upload_parts(REQUEST, products))
+    store.expand_upload(REQUEST, 1)
     return store
 
 
@@ -112,3 +121,27 @@ def test_a_hand_back_after_a_pass_without_progress_waits_and_counts_the_stall(
     assert store.requests.find_one({"_id": REQUEST})["stalls"] == 1
     store.add_progress(REQUEST, done=1, failed=0, products=0)
     assert store.requests.find_one({"_id": REQUEST})["stalls"] == 0
+
+
+def test_a_big_upload_is_stored_in_few_parts_and_expanded_once(mongo: Any) -> None:
+    """Products are stored in parts of about 4 MB (two here), expanded into product documents
+    by the worker: again after an expansion cut short, or by two processes, they are still
+    there once each, and the parts are gone."""
+    store = Store(mongo)
+    request_id = "1f8fad5b-d9cb-469f-a165-70867728950e"
+    long_urls = [f"http://images.example/{'x' * 1900}/{n}.jpg" for n in range(50)]
+    rows = [ProductRow(n + 2, n + 1, f"P{n}", long_urls) for n in range(60)]  # ~6 MB of URLs
+    products = [new_product(request_id, n, row) for n, row in enumerate(rows)]
+    parts = upload_parts(request_id, products)
+    assert len(parts) == 2 and sum(part["count"] for part in parts) == 60
+    store.create_request({"_id": request_id, "parts": 2}, parts)
+    ids = [product_id(request_id, n) for n in (0, 59)]
+    assert [p["_id"] for p in store.products_from_parts(request_id, 2, ids)] == ids
+
+    store.products.insert_many(parts[0]["products"][:7])  # an expansion cut short
+    store.expand_upload(request_id, 2)
+    store.expand_upload(request_id, 2)  # and another process doing it too
+    assert store.products.count_documents({}) == 60
+    assert store.upload_parts.count_documents({}) == 0
+    assert store.requests.find_one({"_id": request_id})["parts"] == 0
+    assert store.products_from_parts(request_id, 2, ids) == []

@@ -106,6 +106,9 @@ class Job:
 
     def _work(self) -> None:
         store = self.shared.store
+        parts = int(self.request.get("parts", 0))
+        if parts:  # the upload's products, stored compactly, become product documents
+            self._retrying(partial(store.expand_upload, self.id, parts))
         if self.takeover:
             log.info(
                 "request %s: taken over from %s; rows below %d are suspects",

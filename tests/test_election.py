@@ -65,7 +65,7 @@ def test_one_process_runs_the_work_and_any_process_starts_it(
             )
             body = wait_terminal_http(service.url, created.json()["request_id"], timeout=10)
             assert body["status"] == "completed"
-            assert time.monotonic() - asked < 5
+            assert time.monotonic() - asked < 15  # woken, not found by the minute's poll
         time.sleep(0.5)
         assert leaders(service) == [leader]  # still the one, no other ever started
         started = [line for line in service.log.read_text().splitlines() if "in flight" in line]

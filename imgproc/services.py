@@ -348,6 +348,9 @@ class Services:
             found = {p["_id"] for p in fetched}
             unexpanded = [pid for pid in missing if pid not in found]
             fetched += self.store.products_from_parts(request_id, parts, unexpanded)
+            if len(fetched) < len(missing):  # expanded, and the part dropped, meanwhile
+                found = {p["_id"] for p in fetched}
+                fetched += self.store.products_by_ids([p for p in missing if p not in found])
         lasting = [
             p for p in fetched if p["status"] in FINISHED_PRODUCT or p["row"] >= untouched_from
         ]

@@ -176,23 +176,37 @@ class Store:
                 self.upload_parts.delete_many({"_id": {"$in": [p["_id"] for p in parts]}})
             raise
 
-    def expand_upload(self, request_id: str, parts: int) -> None:
-        """Turn a request's upload parts into its product documents, once, whoever tries:
-        a part is removed only after its products are in, and products already in (an
-        expansion cut short and done again, or two processes at once) are left alone."""
-        for index in range(parts):
-            part = self.upload_parts.find_one({"_id": upload_part_id(request_id, index)})
-            if part is None:
-                continue  # expanded before
-            try:
-                self.products.insert_many(part["products"], ordered=False)
-            except BulkWriteError as exc:
-                details = exc.details
-                duplicates_only = all(e.get("code") == 11000 for e in details["writeErrors"])
-                if not duplicates_only or details.get("writeConcernErrors"):
-                    raise
-            self.upload_parts.delete_one({"_id": part["_id"]})
+    def upload_part(self, request_id: str, index: int) -> Doc | None:
+        """One of a request's upload parts (None once it is expanded and removed)."""
+        return self.upload_parts.find_one({"_id": upload_part_id(request_id, index)})
+
+    def insert_products(self, products: list[Doc]) -> None:
+        """Insert product documents from an upload part; those already in (an expansion
+        cut short and done again, or two processes at once) are left alone."""
+        if not products:
+            return
+        try:
+            self.products.insert_many(products, ordered=False)
+        except BulkWriteError as exc:
+            details = exc.details
+            duplicates_only = all(e.get("code") == 11000 for e in details["writeErrors"])
+            if not duplicates_only or details.get("writeConcernErrors"):
+                raise
+
+    def drop_upload_parts(self, request_id: str, parts: int) -> None:
+        """Remove a request's upload parts once every product of them is in."""
+        ids = [upload_part_id(request_id, index) for index in range(parts)]
+        self.upload_parts.delete_many({"_id": {"$in": ids}})
         self.requests.update_one({"_id": request_id}, {"$set": {"parts": 0}})
+
+    def expand_upload(self, request_id: str, parts: int) -> None:
+        """All of a request's upload parts into product documents at once (the job does it
+        page by page as it feeds; this is the same, whole)."""
+        for index in range(parts):
+            part = self.upload_part(request_id, index)
+            if part is not None:
+                self.insert_products(part["products"])
+        self.drop_upload_parts(request_id, parts)
 
     def products_from_parts(self, request_id: str, parts: int, ids: list[str]) -> list[Doc]:
         """Products among ``ids`` that are still only in the request's upload parts."""

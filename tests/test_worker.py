@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,8 @@ from PIL import Image
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
+from imgproc.documents import new_product, new_request, upload_part_id, upload_parts
+from imgproc.models import ProductRow
 from tests.conftest import csv_bytes, get_closed, make_image, serve, upload, wait_terminal
 
 
@@ -233,3 +236,47 @@ def test_quality_and_format_options(client: FlaskClient, image_host: HTTPServer)
     assert images_of(webp)[0]["format"] == "WEBP"
     served = get_closed(client, images_of(webp)[0]["output_url"])
     assert served.mimetype == "image/webp"
+
+
+def test_an_upload_in_several_parts_is_expanded_as_it_is_processed(
+    make_app: Callable[..., Flask], image_host: HTTPServer, mongo: Any
+) -> None:
+    """A big upload's products arrive in several parts (about 4 MB each); the worker
+    expands them as it feeds, the status shows every product meanwhile, and the parts are
+    gone once every product is in. Here six products in two parts, as upload_parts makes
+    them for thousands."""
+    app = make_app()
+    client = app.test_client()
+    store = app.extensions["imgproc"].store
+    request_id = str(uuid.uuid4())
+    urls = [serve(image_host, f"/part{n}.jpg", make_image(200 + n, 100)) for n in range(6)]
+    rows = [ProductRow(n + 2, n + 1, f"P{n}", [urls[n]]) for n in range(6)]
+    products = [new_product(request_id, n, row) for n, row in enumerate(rows)]
+    first, second = upload_parts(request_id, products[:3]), upload_parts(request_id, products[3:])
+    second[0]["_id"] = upload_part_id(request_id, 1)
+    request = new_request(
+        request_id,
+        store.clock(),
+        products_total=6,
+        images_total=6,
+        quality=50,
+        output_format="auto",
+        webhook_url=None,
+        header=["S. No.", "Product Name", "Input Image Urls"],
+        roles={"serial_number": 0, "product_name": 1, "input_urls": 2},
+        base_url="http://localhost",
+        owner=None,
+        parts=2,
+    )
+    store.create_request(request, first + second)
+    app.extensions["imgproc"].worker.wake()
+
+    body = wait_terminal(client, request_id)
+    assert body["status"] == "completed"
+    assert [p["product_name"] for p in body["products"]] == [f"P{n}" for n in range(6)]
+    assert [(i["width"], i["height"]) for i in images_of(body)] == [
+        (200 + n, 100) for n in range(6)
+    ]
+    assert mongo.products.count_documents({"request_id": request_id}) == 6
+    assert mongo.upload_parts.count_documents({}) == 0
+    assert mongo.processing_requests.find_one({"_id": request_id})["parts"] == 0

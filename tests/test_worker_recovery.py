@@ -75,7 +75,9 @@ def test_sigkill_mid_batch_then_restart(
         for name in done_before:  # finished before the kill: never fetched again
             assert hits[f"/{name}"] == 1, (name, hits)
         assert all(hits[p] >= 1 for p in paths)
-        assert sum(hits.values()) <= 24 + 4  # at most the images in flight at the kill redone
+        # Redone at most: what was in flight at the kill (4 downloads) and what finished in the
+        # last flush interval without being recorded (0.5 s at ~16 images/s).
+        assert sum(hits.values()) <= 24 + 4 + 8
         for product in body["products"]:
             for url in product["output_image_urls"]:
                 served = requests.get(url.replace(first.url, second.url), timeout=5)

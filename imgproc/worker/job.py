@@ -106,9 +106,6 @@ class Job:
 
     def _work(self) -> None:
         store = self.shared.store
-        parts = int(self.request.get("parts", 0))
-        if parts:  # the upload's products, stored compactly, become product documents
-            self._retrying(partial(store.expand_upload, self.id, parts))
         if self.takeover:
             log.info(
                 "request %s: taken over from %s; rows below %d are suspects",
@@ -239,18 +236,35 @@ class Job:
 
     def _pages(self) -> Iterator[list[ImageTask]]:
         """The open images of the request, a page of products at a time (products whose
-        images are all written already go straight to the results, to be marked finished)."""
+        images are all written already go straight to the results, to be marked finished).
+        Products still in the upload's parts are inserted a page at a time just before
+        they are read, so a big upload's expansion is spread over its processing."""
         store = self.shared.store
+        parts = int(self.request.get("parts", 0))
+        unexpanded: list[Doc] = []  # what is left of the part being expanded
+        next_part = 0
         for start in range(0, self.total, PAGE):
             if self.halted():
                 return
-            products = self._retrying(partial(store.open_products, self.id, start, start + PAGE))
+            stop = start + PAGE
+            while parts and next_part < parts and (not unexpanded or unexpanded[-1]["row"] < stop):
+                part = self._retrying(partial(store.upload_part, self.id, next_part))
+                unexpanded += part["products"] if part else []
+                next_part += 1
+            if parts:
+                page = [p for p in unexpanded if p["row"] < stop]
+                unexpanded = unexpanded[len(page) :]
+                self._retrying(partial(store.insert_products, page))
+            products = self._retrying(partial(store.open_products, self.id, start, stop))
             if products:
                 last = products[-1]["row"] + 1
                 self._retrying(partial(store.mark_fed, self.id, last))
-            page = [task for product in products for task in self._open_images(product)]
-            if page:
-                yield page
+            tasks = [task for product in products for task in self._open_images(product)]
+            if tasks:
+                yield tasks
+        if parts:  # every product is in: the parts are no longer needed
+            self._retrying(partial(store.drop_upload_parts, self.id, parts))
+            self.request["parts"] = 0
 
     def _open_images(self, product: Doc) -> Iterator[ImageTask]:
         images = product["images"]

@@ -58,7 +58,7 @@ class Settings:
     s3_public_url: str | None = None
     start_worker: bool = True
     downloads: int = 0  # 0: 128 per core (at most 1024)
-    cpu_slots: int = 0  # 0: cores + 1
+    cpu_slots: int = 0  # 0: cores + 2
     download_buffer_bytes: int = 0  # 0: a sixteenth of the memory, at most 96 MiB
     max_connections_per_host: int = 0  # 0: as many as downloads
     worker_nice: int = 10
@@ -106,9 +106,10 @@ class Settings:
 
     @property
     def codec_slots(self) -> int:
-        """Images decoded and encoded at once: one per core, plus one so that a core never
-        waits while another image is in the Python parts of the codec."""
-        return self.cpu_slots or cores() + 1
+        """Images decoded and encoded at once: one per core, plus two so that a core never
+        waits while another image is in the Python parts of the codec (with hundreds of
+        download threads about, a thread's wait for the GIL is not short)."""
+        return self.cpu_slots or cores() + 2
 
     @property
     def buffer_bytes(self) -> int:
@@ -275,7 +276,7 @@ def validate(s: Settings) -> None:
         "must not be negative",
         s.status_cache_products,
     )
-    _check(s.cpu_slots >= 0, "cpu_slots", "must be 0 (cores + 1) or more", s.cpu_slots)
+    _check(s.cpu_slots >= 0, "cpu_slots", "must be 0 (cores + 2) or more", s.cpu_slots)
     _check(s.downloads >= 0, "downloads", "must be 0 (128 per core) or more", s.downloads)
     _check(
         s.max_connections_per_host >= 0,

@@ -25,7 +25,7 @@ def test_pipeline_bounds_follow_the_machine_unless_set() -> None:
     cores = config.cores()
     automatic = Settings()
     assert automatic.download_slots == min(1024, 128 * cores)
-    assert automatic.codec_slots == cores + 1
+    assert automatic.codec_slots == cores + 2
     assert automatic.connections_per_host == automatic.download_slots
     assert (
         2 * automatic.max_image_bytes

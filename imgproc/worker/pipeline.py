@@ -3,7 +3,7 @@
 ::
 
     jobs ──add──► scheduler ──► download threads ──► codec threads ──► storage threads ──► job
-                  (fair: round   (many: origins      (cores + 1:        (puts, so a slow
+                  (fair: round   (many: origins      (cores + 2:        (puts, so a slow
                   robin over     take 0.1-1 s to     decode/encode      store never holds
                   requests, then answer; a memory    outside the GIL)   a core)
                   hosts)         budget bounds the

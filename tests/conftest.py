@@ -11,6 +11,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from typing import Any
 
 import hypothesis
@@ -23,6 +24,7 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from imgproc import create_app, embedded_db
+from imgproc.documents import Doc, new_request
 from tests.s3server import S3Server
 
 # Hypothesis explores new examples on every local run (that is how it finds bugs), but CI
@@ -265,3 +267,22 @@ def serve_slowly(
     for path in paths:
         host.expect_request(path).respond_with_handler(slow)
     return hits
+
+
+def stored_request(request_id: str, now: datetime, products: list[Doc], *, parts: int) -> Doc:
+    """The request an upload of the standard columns stores for ``products`` (already
+    split into ``parts`` upload parts)."""
+    return new_request(
+        request_id,
+        now,
+        products_total=len(products),
+        images_total=sum(len(product["images"]) for product in products),
+        quality=50,
+        output_format="auto",
+        webhook_url=None,
+        header=["S. No.", "Product Name", "Input Image Urls"],
+        roles={"serial_number": 0, "product_name": 1, "input_urls": 2},
+        base_url="http://localhost",
+        owner=None,
+        parts=parts,
+    )

@@ -13,12 +13,12 @@ from imgproc.documents import (
     ImageOutcome,
     ProductWrite,
     new_product,
-    new_request,
     product_id,
     upload_parts,
 )
 from imgproc.models import ImageStatus, ProductRow, ProductStatus
 from imgproc.store import Store
+from tests.conftest import stored_request
 
 REQUEST = "0f8fad5b-d9cb-469f-a165-70867728950e"
 DONE = ImageOutcome(ImageStatus.DONE, output_key="k", input_bytes=9, output_bytes=4).fields()
@@ -33,20 +33,7 @@ def store(mongo: Any) -> Store:
         ProductRow(n + 2, n + 1, f"P{n}", ["http://a/1.jpg", "http://a/2.jpg"]) for n in range(2)
     ]
     products = [new_product(REQUEST, n, row) for n, row in enumerate(rows)]
-    request = new_request(
-        REQUEST,
-        store.clock(),
-        products_total=2,
-        images_total=4,
-        quality=50,
-        output_format="auto",
-        webhook_url=None,
-        header=["S. No.", "Product Name", "Input Image Urls"],
-        roles={"serial_number": 0, "product_name": 1, "input_urls": 2},
-        base_url="http://localhost",
-        owner=None,
-        parts=1,
-    )
+    request = stored_request(REQUEST, store.clock(), products, parts=1)
     store.create_request(request, upload_parts(REQUEST, products))
     store.expand_upload(REQUEST, 1)
     return store

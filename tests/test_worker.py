@@ -14,9 +14,17 @@ from PIL import Image
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
-from imgproc.documents import new_product, new_request, upload_part_id, upload_parts
+from imgproc.documents import new_product, upload_part_id, upload_parts
 from imgproc.models import ProductRow
-from tests.conftest import csv_bytes, get_closed, make_image, serve, upload, wait_terminal
+from tests.conftest import (
+    csv_bytes,
+    get_closed,
+    make_image,
+    serve,
+    stored_request,
+    upload,
+    wait_terminal,
+)
 
 
 def submit(client: FlaskClient, rows: list[tuple[int, str, list[str]]], **fields: Any) -> str:
@@ -254,20 +262,7 @@ def test_an_upload_in_several_parts_is_expanded_as_it_is_processed(
     products = [new_product(request_id, n, row) for n, row in enumerate(rows)]
     first, second = upload_parts(request_id, products[:3]), upload_parts(request_id, products[3:])
     second[0]["_id"] = upload_part_id(request_id, 1)
-    request = new_request(
-        request_id,
-        store.clock(),
-        products_total=6,
-        images_total=6,
-        quality=50,
-        output_format="auto",
-        webhook_url=None,
-        header=["S. No.", "Product Name", "Input Image Urls"],
-        roles={"serial_number": 0, "product_name": 1, "input_urls": 2},
-        base_url="http://localhost",
-        owner=None,
-        parts=2,
-    )
+    request = stored_request(request_id, store.clock(), products, parts=2)
     store.create_request(request, first + second)
     app.extensions["imgproc"].worker.wake()
 

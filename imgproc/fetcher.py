@@ -45,9 +45,12 @@ class FetchError(Exception):
 
 
 class Budget(Protocol):
-    """A memory budget for downloaded bytes (the pipeline's): ``reserve`` may wait."""
+    """A memory budget for downloaded bytes (the pipeline's): ``reserve`` may wait, ``grow``
+    never does."""
 
     def reserve(self, size: int) -> None: ...
+
+    def grow(self, size: int) -> None: ...
 
     def release(self, size: int) -> None: ...
 
@@ -208,7 +211,7 @@ class Fetcher:
         if len(data) < reserved:
             budget.release(reserved - len(data))
         elif len(data) > reserved:  # a declared length the body exceeded (within the cap)
-            budget.reserve(len(data) - reserved)
+            budget.grow(len(data) - reserved)  # never waits: we hold bytes already
         return data, len(data)
 
     def _read_chunks(self, response: requests.Response, cap: int, too_large: str) -> bytes:

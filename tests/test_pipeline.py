@@ -148,6 +148,40 @@ def test_the_byte_budget_waits_for_room_but_never_for_ever() -> None:
     budget.release(5000)
 
 
+def test_a_body_longer_than_declared_grows_its_share_without_waiting() -> None:
+    """Holders that find their body longer than declared (a decoded gzip) take the rest at
+    once: were they to wait in line for it, they would wait on one another for ever."""
+    budget = ByteBudget(1000)
+    budget.reserve(600)
+    budget.reserve(400)
+    waiter = threading.Thread(target=budget.reserve, args=(300,), daemon=True)
+    waiter.start()
+    time.sleep(0.1)
+    budget.grow(100)  # returns at once, though the budget is full and someone waits
+    assert budget.used == 1100
+    budget.release(1100)
+    waiter.join(2)
+    assert not waiter.is_alive() and budget.used == 300
+    budget.release(300)  # the gauge in /metrics is the process's
+
+
+def test_closing_the_budget_lets_every_waiter_go() -> None:
+    budget = ByteBudget(1000)
+    budget.reserve(1000)
+    waiters = [threading.Thread(target=budget.reserve, args=(500,), daemon=True) for _ in "ab"]
+    for waiter in waiters:
+        waiter.start()
+    time.sleep(0.1)
+    assert all(waiter.is_alive() for waiter in waiters)
+    budget.close()  # the process stops: the work that would free room may be cancelled
+    for waiter in waiters:
+        waiter.join(2)
+        assert not waiter.is_alive()
+    budget.reserve(5000)  # and nobody waits any more
+    assert budget.used == 7000
+    budget.release(7000)  # the gauge in /metrics is the process's
+
+
 def test_downloaded_bytes_stay_within_the_budget(
     make_app: Callable[..., Flask], origin: Origin
 ) -> None:

@@ -1,7 +1,7 @@
 """IMGPROC_STORAGE=s3 through the service, against a real S3-compatible server (SeaweedFS):
 outputs are objects in the bucket, served by the service at /images/<key> without a public
 base URL and straight from the bucket with one; an S3 gateway killed mid-batch leaves no
-image failed."""
+image failed; a hung one stops the downloads at the memory budget."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import csv
 import hashlib
 import io
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -32,6 +33,7 @@ from tests.conftest import (
     upload,
     wait_terminal,
 )
+from tests.origin import Origin
 from tests.processes import start_gunicorn, wait_images_done, wait_terminal_http
 from tests.s3server import S3Server
 from tests.test_worker_recovery import service_env
@@ -187,3 +189,50 @@ def test_boto3_is_loaded_only_for_s3_storage(mongo_uri: str, tmp_path: Path) -> 
         )
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == loaded, storage
+
+
+def test_a_hung_bucket_stops_the_downloads_at_the_memory_budget(
+    make_app: Callable[..., Flask], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outputs waiting for a store that does not answer hold the download budget: the
+    downloads stop instead of piling encoded images up in memory, and once the store
+    answers again every image ends done."""
+    server = S3Server.start(tmp_path / "s3", buckets=("hung",))
+    for name, value in server.credentials_env().items():
+        monkeypatch.setenv(name, value)
+    origin = Origin()
+    image = make_image(600, 400)  # ~60 KB: the budget holds three
+    limit = 3 * len(image) + 1000
+    app = make_app(
+        storage="s3",
+        s3_bucket="hung",
+        s3_endpoint_url=server.endpoint,
+        downloads=4,
+        max_image_bytes=limit,
+        download_buffer_bytes=limit,
+    )
+    client = app.test_client()
+    assert server.gateway is not None
+    gateway = server.gateway.pid
+    urls = [origin.route(f"/h{i}.jpg", image) for i in range(30)]
+    os.kill(gateway, signal.SIGSTOP)  # connections are accepted, nothing is answered
+    try:
+        rows = [(n + 1, f"H{n}", [url]) for n, url in enumerate(urls)]
+        created = upload(client, csv_bytes(rows))
+        assert created.status_code == 202, created.get_json()
+        request_id = created.get_json()["request_id"]
+        time.sleep(3.0)  # long enough for every image to be downloaded, were nothing to stop it
+        # Three images hold the budget (in storage), four downloads wait for room.
+        assert 3 <= len(origin.seen) <= 3 + 4
+        assert client.get(f"/csv/status/{request_id}").get_json()["status"] == "processing"
+    finally:
+        os.kill(gateway, signal.SIGCONT)
+    try:
+        body = wait_terminal(client, request_id, timeout=120)
+        assert body["status"] == "completed"
+        assert body["progress"]["images_done"] == len(urls)
+        assert len(server.keys("hung")) == len(urls)
+        assert len(origin.seen) == len(urls)  # each downloaded once
+    finally:
+        server.stop()
+        origin.stop()

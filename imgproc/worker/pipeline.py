@@ -44,7 +44,9 @@ STORAGE_THREADS = 16  # puts in flight: GridFS and S3 puts take 10-100 ms each
 
 
 class ByteBudget:
-    """Bytes held by downloads between their first body byte and the end of their codec.
+    """Bytes held by downloads between their first body byte and their output's store (the
+    encoded output waiting for storage stands in the downloaded bytes' place, so a slow or
+    unreachable store stops the downloads instead of piling outputs up in memory).
 
     Waiters queue in order and a release wakes only those that now fit: with hundreds of
     downloads waiting, waking them all on every release (a condition's notify_all) would
@@ -56,18 +58,38 @@ class ByteBudget:
         self.used = 0
         self._lock = threading.Lock()
         self._waiting: deque[tuple[int, threading.Event]] = deque()
+        self._closed = False
 
     def reserve(self, size: int) -> None:
         """Take ``size`` bytes, waiting in line while they would overrun the budget (one
         download alone may always proceed, so nothing waits for ever)."""
         with self._lock:
-            if not self._waiting and self._fits(size):
+            if self._closed or (not self._waiting and self._fits(size)):
                 self.used += size
                 metrics.BUFFERED_BYTES.inc(size)
                 return
             granted = threading.Event()
             self._waiting.append((size, granted))
-        granted.wait()  # release() has counted our bytes in
+        granted.wait()  # release() or close() has counted our bytes in
+
+    def grow(self, size: int) -> None:
+        """Take ``size`` more bytes for a holder now, without waiting: a body that turned out
+        longer than declared (a decoded gzip). Were holders to wait for their growth, they
+        could all wait on one another, the bytes they hold never coming back."""
+        with self._lock:
+            self.used += size
+            metrics.BUFFERED_BYTES.inc(size)
+
+    def close(self) -> None:
+        """Let every waiter in, now and from now on: the process is stopping, and the work
+        that would have released their room may be cancelled."""
+        with self._lock:
+            self._closed = True
+            while self._waiting:
+                wanted, granted = self._waiting.popleft()
+                self.used += wanted
+                metrics.BUFFERED_BYTES.inc(wanted)
+                granted.set()
 
     def release(self, size: int) -> None:
         """Give ``size`` bytes back, and let in whoever waits first, while they fit."""
@@ -197,6 +219,7 @@ class Pipeline:
             self._changed.notify_all()
         for pool in (self._downloads, self._codec, self._storage):
             pool.shutdown(wait=False, cancel_futures=True)
+        self.budget.close()  # downloads waiting for room that cancelled work would free
 
     # ---- the scheduler --------------------------------------------------------------------
 
@@ -301,18 +324,28 @@ class Pipeline:
             lane.outstanding -= 1  # the job is gone or stopping: the image stays open
 
     def _compress(self, lane: _Lane, task: ImageTask, fetched: Fetched) -> None:
+        stored = False
         try:
             got = self.work.compress(task, fetched.data, lane.halted)
+            if isinstance(got, Result):
+                self._deliver(lane, got)
+                return
+            size = len(fetched.data)
+            stored = self._submit(
+                self._storage, lane, task, self._store, lane, task, size, fetched.reserved, got
+            )
         finally:
-            self.budget.release(fetched.reserved)
-        if isinstance(got, Result):
-            self._deliver(lane, got)
-            return
-        size = len(fetched.data)
-        self._submit(self._storage, lane, task, self._store, lane, task, size, got)
+            if not stored:
+                self.budget.release(fetched.reserved)
 
-    def _store(self, lane: _Lane, task: ImageTask, input_bytes: int, encoded: Encoded) -> None:
-        self._deliver(lane, self.work.store_output(task, input_bytes, encoded, lane.halted))
+    def _store(
+        self, lane: _Lane, task: ImageTask, input_bytes: int, reserved: int, encoded: Encoded
+    ) -> None:
+        try:
+            result = self.work.store_output(task, input_bytes, encoded, lane.halted)
+        finally:
+            self.budget.release(reserved)
+        self._deliver(lane, result)
 
     def _submit(
         self,

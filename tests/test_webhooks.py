@@ -145,6 +145,32 @@ def test_no_webhook_stays_none(client: FlaskClient, image_host: HTTPServer) -> N
     }
 
 
+def test_a_slow_receiver_gets_each_delivery_once(
+    make_app: Callable[..., Flask], image_host: HTTPServer, webhook_receiver: HTTPServer
+) -> None:
+    """Deliveries are claimed only as senders free up: one waiting in line behind a slow
+    receiver is never claimed again meanwhile, POSTed twice and charged two attempts."""
+
+    def slowly(_request: Request) -> Response:
+        time.sleep(1.5)
+        return Response("ok")
+
+    webhook_receiver.expect_request("/hook", method="POST").respond_with_handler(slowly)
+    # A claim lasts connect + response timeouts + a lease: 3 s, far less than the last of
+    # twelve deliveries would wait in line behind two senders taking 1.5 s each.
+    app = make_app(lease_seconds=0.5, connect_timeout=0.5, webhook_timeout=2.0)
+    client = app.test_client()
+    url = serve(image_host, "/w.jpg", make_image())
+    hook = webhook_receiver.url_for("/hook")
+    created = [upload(client, csv_bytes([(1, "A", [url])]), webhook_url=hook) for _ in range(12)]
+    ids = [response.get_json()["request_id"] for response in created]
+    for request_id in ids:
+        assert wait_webhook(client, request_id, "delivered", timeout=60)["webhook"]["attempts"] == 1
+    time.sleep(3.5)  # a copy claimed again would be POSTed now, after the first was recorded
+    posted = [call.headers["webhook-id"] for call in calls(webhook_receiver)]
+    assert sorted(posted) == sorted(f"msg_{request_id}" for request_id in ids)
+
+
 def test_delivery_resumes_in_a_new_process(
     make_app: Callable[..., Flask], image_host: HTTPServer, webhook_receiver: HTTPServer
 ) -> None:

@@ -50,7 +50,7 @@ class Worker:
         self.storage = storage
         self.fetcher = fetcher
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.outbox = Outbox(settings, store, webhooks, self.owner)
+        self.outbox = Outbox(settings, store, webhooks, self.owner, self.wake)
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self._jobs: dict[str, tuple[Job, threading.Thread]] = {}

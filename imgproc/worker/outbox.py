@@ -6,6 +6,7 @@ up. Delivery is at least once, under one ``webhook-id`` per request."""
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
@@ -20,6 +21,8 @@ from imgproc.webhooks import WebhookSender, message_id
 
 log = logging.getLogger(__name__)
 
+SENDERS = 2  # deliveries POSTed at once per process
+
 
 def next_attempt_at(
     attempts_before: int, ok: bool, delays: tuple[float, ...], now: datetime
@@ -33,12 +36,24 @@ def next_attempt_at(
 class Outbox:
     """Claims due webhooks and delivers them."""
 
-    def __init__(self, settings: Settings, store: Store, sender: WebhookSender, owner: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        sender: WebhookSender,
+        owner: str,
+        wake: Callable[[], None],
+    ) -> None:
         self.settings = settings
+        self.wake = wake  # the dispatcher: a sender is free to take the next due delivery
         self.store = store
         self.sender = sender
         self.owner = owner
-        self._executor = ThreadPoolExecutor(2, thread_name_prefix="imgproc-webhook")
+        self._executor = ThreadPoolExecutor(SENDERS, thread_name_prefix="imgproc-webhook")
+        # Deliveries claimed and not yet attempted: no more than there are senders, so a
+        # claim never expires while its delivery waits in line behind a slow receiver (it
+        # would be claimed again and POSTed twice, each copy spending an attempt).
+        self._free = threading.BoundedSemaphore(SENDERS)
         # A claimed delivery is due again after this, should its process die: longer than
         # an attempt can take (connect + response timeouts), plus a lease of slack.
         self.claim_seconds = (
@@ -46,12 +61,29 @@ class Outbox:
         )
 
     def claim_due(self, stopping: Callable[[], bool]) -> None:
-        """Claim every due delivery and queue it (the claim pushes its due time ahead)."""
-        while not stopping():
-            request = self.store.claim_webhook(self.owner, self.claim_seconds)
+        """Claim due deliveries while a sender is free, and hand each to one (the claim
+        pushes its due time ahead)."""
+        while not stopping() and self._free.acquire(blocking=False):
+            try:
+                request = self.store.claim_webhook(self.owner, self.claim_seconds)
+            except BaseException:
+                self._free.release()
+                raise
             if request is None:
+                self._free.release()
                 return
-            self._executor.submit(self.deliver, request)
+            try:
+                self._executor.submit(self._send, request)
+            except RuntimeError:  # shut down meanwhile: the claim expires, tried again
+                self._free.release()
+                return
+
+    def _send(self, request: Doc) -> None:
+        try:
+            self.deliver(request)
+        finally:
+            self._free.release()
+            self.wake()
 
     def deliver(self, request: Doc) -> None:
         """POST one request's completion event and record the attempt; never raises."""

@@ -173,7 +173,18 @@ class Store:
             self.requests.insert_one(request)
         except BaseException:
             with contextlib.suppress(PyMongoError):  # the original error is the one to report
-                self.upload_parts.delete_many({"_id": {"$in": [p["_id"] for p in parts]}})
+                # An insert the server applied but whose answer was lost: take the request
+                # back first (unless a worker has it already), and the parts only once it is
+                # surely gone, so that no request is ever left without its products.
+                self.requests.delete_one(
+                    {
+                        "_id": request["_id"],
+                        "status": RequestStatus.PENDING.value,
+                        "lease_owner": None,
+                    }
+                )
+                if self.requests.find_one({"_id": request["_id"]}, {"_id": 1}) is None:
+                    self.upload_parts.delete_many({"_id": {"$in": [p["_id"] for p in parts]}})
             raise
 
     def upload_part(self, request_id: str, index: int) -> Doc | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+import pymongo
 import pytest
 
 from imgproc.documents import (
@@ -132,3 +133,26 @@ def test_a_big_upload_is_stored_in_few_parts_and_expanded_once(mongo: Any) -> No
     assert store.upload_parts.count_documents({}) == 0
     assert store.requests.find_one({"_id": request_id})["parts"] == 0
     assert store.products_from_parts(request_id, 2, ids) == []
+
+
+@pytest.mark.parametrize("claimed", [False, True])
+def test_an_upload_whose_answer_was_lost_never_leaves_a_request_without_products(
+    mongo: Any, claimed: bool
+) -> None:
+    """The server applied the request's insert but the answer was lost (here: the document
+    is there before the insert, which then fails as a lost answer's retry would). The upload
+    reports an error and takes the request back with its parts; a request a worker already
+    holds keeps them, to be processed."""
+    store = Store(mongo)
+    store.ensure_indexes()
+    request_id = "6a1c9d2e-1b7f-4a53-9d35-0c2f5e8b7a41"
+    rows = [ProductRow(2, 1, "P", ["http://a/1.jpg"])]
+    products = [new_product(request_id, 0, row) for row in rows]
+    request = stored_request(request_id, store.clock(), products, parts=1)
+    applied = {**request, "lease_owner": "a-worker" if claimed else None}
+    store.requests.insert_one(applied)
+    with pytest.raises(pymongo.errors.DuplicateKeyError):
+        store.create_request(request, upload_parts(request_id, products))
+    kept = store.requests.find_one({"_id": request_id})
+    parts = store.upload_parts.count_documents({})
+    assert (kept is not None, parts) == ((True, 1) if claimed else (False, 0))

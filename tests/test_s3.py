@@ -215,8 +215,8 @@ def test_a_hung_bucket_stops_the_downloads_at_the_memory_budget(
     assert server.gateway is not None
     gateway = server.gateway.pid
     urls = [origin.route(f"/h{i}.jpg", image) for i in range(30)]
-    os.kill(gateway, signal.SIGSTOP)  # connections are accepted, nothing is answered
     try:
+        os.kill(gateway, signal.SIGSTOP)  # connections are accepted, nothing is answered
         rows = [(n + 1, f"H{n}", [url]) for n, url in enumerate(urls)]
         created = upload(client, csv_bytes(rows))
         assert created.status_code == 202, created.get_json()
@@ -225,14 +225,13 @@ def test_a_hung_bucket_stops_the_downloads_at_the_memory_budget(
         # Three images hold the budget (in storage), four downloads wait for room.
         assert 3 <= len(origin.seen) <= 3 + 4
         assert client.get(f"/csv/status/{request_id}").get_json()["status"] == "processing"
-    finally:
         os.kill(gateway, signal.SIGCONT)
-    try:
         body = wait_terminal(client, request_id, timeout=120)
         assert body["status"] == "completed"
         assert body["progress"]["images_done"] == len(urls)
         assert len(server.keys("hung")) == len(urls)
         assert len(origin.seen) == len(urls)  # each downloaded once
     finally:
+        os.kill(gateway, signal.SIGCONT)  # whatever failed above, the gateway is not left stopped
         server.stop()
         origin.stop()

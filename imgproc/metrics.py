@@ -63,7 +63,7 @@ IN_FLIGHT = Gauge(
 )
 BUFFERED_BYTES = Gauge(
     "imgproc_download_buffer_bytes",
-    "Bytes of downloaded images held until their codec is done (bounded by "
+    "Bytes of downloaded images held until their output is stored (bounded by "
     "IMGPROC_DOWNLOAD_BUFFER_BYTES)",
     multiprocess_mode="livesum",
 )

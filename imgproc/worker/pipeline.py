@@ -14,10 +14,10 @@ cores compress), so the cores stay busy however slow the hosts are, while decodi
 encoding stay bounded to the cores. Bytes downloaded and not yet stored (the encoded output
 stands in for its input until its put is done) are bounded by a memory budget: a download
 reserves its body's size before reading it and waits while the budget is spent, so neither
-a slow codec nor a hung store piles images up in memory. The scheduler hands out download slots round robin over the requests in
-the pipeline, and within a request over its hosts, never to a host that already has as many
-connections as it may, or that asked for a pause (429/503 with Retry-After): a slow or
-paused host holds back only its own images.
+a slow codec nor a hung store piles images up in memory. The scheduler hands out download
+slots round robin over the requests in the pipeline, and within a request over its hosts,
+never to a host that already has as many connections as it may, or that asked for a pause
+(429/503 with Retry-After): a slow or paused host holds back only its own images.
 """
 
 from __future__ import annotations

@@ -65,9 +65,8 @@ class ByteBudget:
         """Take ``size`` bytes, waiting in line while they would overrun the budget (one
         download alone may always proceed, so nothing waits for ever)."""
         with self._lock:
-            if self._closed or (not self._waiting and self._fits(size)):
-                self.used += size
-                metrics.BUFFERED_BYTES.inc(size)
+            if not self._waiting and self._fits(size):
+                self._count_in(size)
                 return
             granted = threading.Event()
             self._waiting.append((size, granted))
@@ -78,19 +77,14 @@ class ByteBudget:
         longer than declared (a decoded gzip). Were holders to wait for their growth, they
         could all wait on one another, the bytes they hold never coming back."""
         with self._lock:
-            self.used += size
-            metrics.BUFFERED_BYTES.inc(size)
+            self._count_in(size)
 
     def close(self) -> None:
         """Let every waiter in, now and from now on: the process is stopping, and the work
         that would have released their room may be cancelled."""
         with self._lock:
             self._closed = True
-            while self._waiting:
-                wanted, granted = self._waiting.popleft()
-                self.used += wanted
-                metrics.BUFFERED_BYTES.inc(wanted)
-                granted.set()
+            self._admit_waiting()
 
     def release(self, size: int) -> None:
         """Give ``size`` bytes back, and let in whoever waits first, while they fit."""
@@ -99,14 +93,21 @@ class ByteBudget:
         with self._lock:
             self.used -= size
             metrics.BUFFERED_BYTES.dec(size)
-            while self._waiting and self._fits(self._waiting[0][0]):
-                wanted, granted = self._waiting.popleft()
-                self.used += wanted
-                metrics.BUFFERED_BYTES.inc(wanted)
-                granted.set()
+            self._admit_waiting()
+
+    def _admit_waiting(self) -> None:
+        """Let waiters in, first come first, while they fit. Called with the lock held."""
+        while self._waiting and self._fits(self._waiting[0][0]):
+            wanted, granted = self._waiting.popleft()
+            self._count_in(wanted)
+            granted.set()
+
+    def _count_in(self, size: int) -> None:
+        self.used += size
+        metrics.BUFFERED_BYTES.inc(size)
 
     def _fits(self, size: int) -> bool:
-        return not self.used or self.used + size <= self.limit
+        return self._closed or not self.used or self.used + size <= self.limit
 
 
 def host_of(url: str) -> str:

@@ -164,8 +164,9 @@ class Store:
         """Store a request and all its products (in upload parts), or nothing.
 
         The parts go in first and the request document last: work is found through the
-        request, so until it exists the parts are invisible, and on any failure they are
-        deleted again. The worker expands them into products (:meth:`expand_upload`).
+        request, so until it exists the parts are invisible. On any failure the request is
+        taken back if a worker has not claimed it, and the parts are deleted once it is
+        gone. The worker expands them into products (:meth:`expand_upload`).
         """
         try:
             if parts:

@@ -345,7 +345,8 @@ class Chaos:
             body = self._status(request_id)
             assert body is not None
             progress = body["progress"]
-            assert body["status"] == "completed", (request_id, progress, self.run.events)
+            errors = [i["error"] for p in body["products"] for i in p["images"] if i["error"]]
+            assert body["status"] == "completed", (request_id, progress, errors, self.run.events)
             assert progress == {
                 "products_total": scale.products,
                 "products_done": scale.products,

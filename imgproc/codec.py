@@ -241,6 +241,10 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     frames = getattr(image, "n_frames", 1)
     if frames > MAX_FRAMES or width * height * frames > 4 * max_pixels:
         raise CodecError(f"too many frames: {frames} frames of {width}x{height}")
+    # The whole file to the decoder in one call: Pillow feeds it 64 KB at a time, and the
+    # decoder gives the GIL back between blocks, so a 300 KB JPEG made its thread wait for
+    # the GIL five times (behind hundreds of download threads, a wait is not short).
+    image.decodermaxblock = max(image.decodermaxblock, len(data))
     image.load()
     return image
 

@@ -85,6 +85,25 @@ def test_private_allowed_in_development(image_host: HTTPServer) -> None:
     assert fetched.content_type == "image/jpeg"
 
 
+def test_what_an_origin_sees_and_that_no_cookie_is_carried_to_the_next_download(
+    image_host: HTTPServer,
+) -> None:
+    data = make_image()
+    image_host.expect_request("/first.jpg").respond_with_data(
+        data, content_type="image/jpeg", headers={"Set-Cookie": "tracker=1; Path=/"}
+    )
+    image_host.expect_request("/second.jpg").respond_with_data(data, content_type="image/jpeg")
+    fetcher = Fetcher(load_settings({"allow_private_urls": True}))
+    assert fetcher.fetch(image_host.url_for("/first.jpg")).data == data
+    assert fetcher.fetch(image_host.url_for("/second.jpg")).data == data
+    (first, _), (second, _) = image_host.log
+    for request in (first, second):
+        assert request.headers["User-Agent"] == "imgproc/1.0"
+        assert request.headers["Accept"] == "image/*"
+        assert request.headers["Accept-Encoding"] == "identity"
+    assert "Cookie" not in second.headers
+
+
 def test_lying_content_length_is_still_capped(image_host: HTTPServer) -> None:
     image_host.expect_request("/liar.jpg").respond_with_data(
         make_image(1500, 1500), headers={"Content-Length": "10"}

@@ -103,3 +103,24 @@ def test_another_process_takes_over_when_the_one_running_the_work_dies(
         assert mongo.processing_requests.count_documents({}) == 1
     finally:
         service.stop()
+
+
+def test_a_graceful_stop_starts_no_second_pipeline(
+    mongo_uri: str, db_name: str, tmp_path: Path
+) -> None:
+    # On SIGTERM every worker process stops; the one running the pipeline gives its lock up
+    # once the pipeline has stopped, and the others must not take it and start one then.
+    for attempt in range(4):  # the stops race: a few instances make a miss unlikely
+        env = {
+            **service_env(mongo_uri, db_name, tmp_path / f"data{attempt}"),
+            "IMGPROC_HTTP_WORKERS": "4",
+        }
+        service = start_gunicorn(env, tmp_path / f"service{attempt}.log")
+        try:
+            wait_leaders(service, 1)
+            assert service.terminate() == 0
+            log = service.log.read_text().splitlines()
+            assert len(leaders(service)) == 1, f"stop {attempt}: {leaders(service)}"
+            assert len([line for line in log if "in flight" in line]) == 1
+        finally:
+            service.stop()

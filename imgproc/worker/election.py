@@ -39,6 +39,13 @@ class Election:
         self.start = start
         self.wake = wake
         self.leader = False
+        # Under gunicorn (a directory): whether this worker process is still meant to run,
+        # set by gunicorn_conf once the process is up (the gunicorn worker's ``alive``, False
+        # from the moment SIGTERM arrives). Until then the lock is not tried; once it is
+        # False the lock is not taken: when an instance stops, its leader gives the lock up
+        # as soon as its pipeline has stopped, and a process that is stopping too must not
+        # take it and start another pipeline (claiming requests) on its way out.
+        self.may_lead: Callable[[], bool] | None = None
         self._ending = threading.Event()
         self._lock = threading.Lock()
         self._fd: int | None = None
@@ -63,15 +70,17 @@ class Election:
         os.set_inheritable(fd, False)
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
+                if self.may_lead is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
             except BlockingIOError:
-                if self._ending.wait(RETRY_SECONDS):
-                    os.close(fd)
-                    return
-        with self._lock:
-            if self._ending.is_set():
+                pass
+            if self._ending.wait(RETRY_SECONDS):
                 os.close(fd)
+                return
+        with self._lock:
+            if self._ending.is_set() or not self.may_lead():
+                os.close(fd)  # this process is stopping: the lock is for one that is not
                 return
             self._fd = fd
             self.leader = True

@@ -475,10 +475,11 @@ class Store:
             {"$max": {"fed_rows": fed_rows, "touched_rows": fed_rows}, "$inc": {"version": 1}},
         )
 
-    def count_attempt(self, product: str, index: int) -> None:
+    def count_attempt(self, product: str, index: int, by: int = 1) -> None:
         """Count one more attempt at an image a dead process may have died of (written before
-        the image is decoded, so a death while decoding it is counted against it)."""
-        self.products.update_one({"_id": product}, {"$inc": {f"images.{index}.attempts": 1}})
+        the image is decoded, so a death while decoding it is counted against it); ``by=-1``
+        takes it back once the decode has come back."""
+        self.products.update_one({"_id": product}, {"$inc": {f"images.{index}.attempts": by}})
 
     def record_outcomes(self, writes: list[ProductWrite]) -> int:
         """Write image outcomes and finished products' status, each image once.

@@ -117,8 +117,14 @@ def test_an_image_that_kills_its_process_every_time_is_given_up(
     neighbour does not, and the batch completes. The first run's death counts nothing (the
     pool had many images in flight: which one killed it is unknown); each take-over sends
     the dead owner's open products through the codec one at a time, counting each attempt
-    just before, so the death is charged to the image being decoded and to no other."""
-    poison = serve(image_host, "/poison.png", slow_to_decode(), "image/png")
+    just before and taking it back when the decode comes back, so the death is charged to
+    the image being decoded and to no other (not to a neighbour decoded before it whose
+    outcome the death kept from being written)."""
+    # The poison arrives half a second after its neighbour, so the neighbour is decoded
+    # first on every run and its outcome is still waiting to be written (results are
+    # written a second at a time) when the poison kills the process.
+    serve_slowly(image_host, ["/poison.png"], 0.5, slow_to_decode())
+    poison = image_host.url_for("/poison.png")
     fine = serve(image_host, "/fine.jpg", make_image())
     env = {
         **service_env(mongo_uri, db_name, tmp_path / "data"),

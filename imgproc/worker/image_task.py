@@ -111,7 +111,14 @@ class ImageWork:
             if task.suspect:
                 with self.suspect_lane:
                     self.store.count_attempt(task.product_id, task.index)
-                    return self._compress(task, data)
+                    try:
+                        return self._compress(task, data)
+                    finally:
+                        # It came back (encoded or refused): not a decode that killed the
+                        # process. Taken back before the next suspect is counted: should
+                        # that one kill the process before this one's outcome is written,
+                        # this one is redone, but not charged.
+                        self.store.count_attempt(task.product_id, task.index, -1)
             return self._compress(task, data)
         return over.result
 

@@ -80,18 +80,23 @@ preload_app = False
 control_socket_disable = True
 
 
+def _services(worker: Any) -> Any:
+    """The worker's imgproc services (``imgproc.services.Services``), or None before its
+    app is loaded."""
+    app = getattr(worker, "wsgi", None)
+    return getattr(app, "extensions", {}).get("imgproc") if app is not None else None
+
+
 def post_worker_init(worker: Any) -> None:
     """The worker process is up: it may now run the instance's image worker while it is
     alive (not told to stop), see :attr:`imgproc.worker.election.Election.may_lead`."""
-    app = getattr(worker, "wsgi", None)
-    services = getattr(app, "extensions", {}).get("imgproc") if app is not None else None
+    services = _services(worker)
     if services is not None:
         services.election.may_lead = lambda: bool(worker.alive)
 
 
 def worker_exit(server: Any, worker: Any) -> None:
     """Stop this worker's image pool and release its leases."""
-    app = getattr(worker, "wsgi", None)
-    services = getattr(app, "extensions", {}).get("imgproc") if app is not None else None
+    services = _services(worker)
     if services is not None:
         services.close()

@@ -46,6 +46,9 @@ class Election:
         # as soon as its pipeline has stopped, and a process that is stopping too must not
         # take it and start another pipeline (claiming requests) on its way out.
         self.may_lead: Callable[[], bool] | None = None
+        # Called once the lock is ours, before the worker starts (gunicorn_conf: this process
+        # then leaves HTTP to the instance's other processes).
+        self.on_lead: Callable[[], None] | None = None
         self._ending = threading.Event()
         self._lock = threading.Lock()
         self._fd: int | None = None
@@ -84,6 +87,8 @@ class Election:
                 return
             self._fd = fd
             self.leader = True
+            if self.on_lead is not None:
+                self.on_lead()
             self._listen()
             log.info("this process (pid %d) runs the instance's image worker", os.getpid())
             self.start()

@@ -55,10 +55,10 @@ log = logging.getLogger(__name__)
 # An Idempotency-Key reservation with no request after this long belongs to an upload whose
 # storing failed (the database went away mid-way): a retry with the key takes it over.
 STORING_GRACE = timedelta(seconds=30)
-STATUS_PAGES_CACHED = 64
+STATUS_PAGES_CACHED = 64  # rendered status pages kept per process (by request, offset, limit)
 # While a request is processed, a page's products are rendered again at most this often
 # (its head, with status and progress, is fresh on every poll).
-RENDER_EVERY_SECONDS = 1.0  # rendered status pages kept per process (by request, offset, limit)
+RENDER_EVERY_SECONDS = 1.0
 
 
 def _json(value: Any) -> bytes:

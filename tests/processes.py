@@ -90,6 +90,13 @@ def start_gunicorn(env: dict[str, str], log: Path) -> Service:
     return start_process(args, env, log, free_port())
 
 
+def upload_http(url: str, csv: bytes) -> str:
+    """POST a CSV to a running service; the new request's id (a 202 or the test fails)."""
+    created = requests.post(f"{url}/csv/upload", files={"file": ("p.csv", csv)}, timeout=10)
+    assert created.status_code == 202, created.text[:300]
+    return str(created.json()["request_id"])
+
+
 def wait_terminal_http(url: str, request_id: str, timeout: float = 60) -> dict[str, Any]:
     """Poll a running service's status until the request is terminal (a non-200 answer, as
     during a database outage, is polled past); fail the test at the timeout."""

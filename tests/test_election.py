@@ -16,7 +16,13 @@ import requests
 from pytest_httpserver import HTTPServer
 
 from tests.conftest import csv_bytes, make_image, serve, serve_slowly
-from tests.processes import Service, start_gunicorn, wait_images_done, wait_terminal_http
+from tests.processes import (
+    Service,
+    start_gunicorn,
+    upload_http,
+    wait_images_done,
+    wait_terminal_http,
+)
 from tests.test_worker_recovery import service_env
 
 pytestmark = pytest.mark.slow
@@ -93,12 +99,7 @@ def test_the_process_running_the_work_leaves_http_to_the_others(
     try:
         (leader,) = wait_leaders(service, 1)
         url = serve(image_host, "/l.jpg", make_image())
-        created = requests.post(
-            f"{service.url}/csv/upload",
-            files={"file": ("p.csv", csv_bytes([(1, "A", [url])]))},
-            timeout=10,
-        )
-        request_id = created.json()["request_id"]
+        request_id = upload_http(service.url, csv_bytes([(1, "A", [url])]))
         assert wait_terminal_http(service.url, request_id, timeout=10)["status"] == "completed"
         status = f"{service.url}/csv/status/{request_id}"
         with requests.Session() as kept:  # one connection kept alive, and fresh ones

@@ -27,6 +27,7 @@ from tests.processes import (
     descendants,
     spawn_process,
     start_process,
+    upload_http,
     wait_gone,
     wait_healthy,
     wait_terminal_http,
@@ -101,12 +102,7 @@ def test_after_sigkill_of_the_launcher_a_new_one_starts_on_the_same_data(
     second: Service | None = None
     try:
         url = serve(image_host, "/a.jpg", make_image())
-        created = requests.post(
-            f"{first.url}/csv/upload",
-            files={"file": ("p.csv", csv_bytes([(1, "A", [url])]))},
-            timeout=10,
-        )
-        request_id = created.json()["request_id"]
+        request_id = upload_http(first.url, csv_bytes([(1, "A", [url])]))
         assert wait_terminal_http(first.url, request_id)["status"] == "completed"
         port = db_port(first.log)
         pids = started_by(first)

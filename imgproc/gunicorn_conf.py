@@ -7,6 +7,7 @@ releases leases so another process can take the work at once.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
@@ -39,17 +40,76 @@ logconfig_dict: dict[str, Any] = {
     },
 }
 
-# Metrics of all worker processes: prometheus_client keeps each process's values in files
-# here, and a scrape answered by any worker adds them up. Set before a worker imports it.
+# This master's files, in one directory: the instance's worker lock and wake-up socket
+# (imgproc.worker.election: the worker processes race for the lock) and, unless the operator
+# names a PROMETHEUS_MULTIPROC_DIR, the metric files (prometheus_client keeps each process's
+# values there, and a scrape answered by any worker adds them up). Inherited by the workers
+# through the environment. ``on_exit`` removes it; a master killed outright cannot, so each
+# master removes those of masters that are gone when it starts.
+RUN_PREFIX = "imgproc-gunicorn-"
+MASTER_FILE = "master"  # the master's pid and start time (a pid alone may be reused)
+
+
+def _start_time(pid: int) -> str | None:
+    """When the process ``pid`` started (field 22 of its /proc stat), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def sweep(parent: str) -> list[str]:
+    """Remove the directories of masters that are gone (Linux only: elsewhere nothing tells
+    a dead master from a live one); the paths removed."""
+    try:
+        names = [name for name in os.listdir(parent) if name.startswith(RUN_PREFIX)]
+    except OSError:
+        return []  # nothing to sweep, and no reason not to start
+    if _start_time(os.getpid()) is None:
+        return []
+    removed = []
+    for name in names:
+        path = os.path.join(parent, name)
+        try:
+            with open(os.path.join(path, MASTER_FILE)) as master:
+                pid, started = master.read().split()
+        except (OSError, ValueError):
+            continue  # not ours, or another master is making it right now
+        lock = os.path.join(path, "worker.lock")  # imgproc.worker.election's
+        if _start_time(int(pid)) != started and not _locked(lock):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _locked(path: str) -> bool:
+    """Whether a process holds the lock file ``path``: one of a master's workers that has
+    not noticed yet that its master is gone, or an instance whose processes this one cannot
+    see (another PID namespace sharing the directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+sweep(tempfile.gettempdir())
+_run_dir = tempfile.mkdtemp(prefix=RUN_PREFIX)
+with open(os.path.join(_run_dir, MASTER_FILE + ".new"), "w") as _master:
+    _master.write(f"{os.getpid()} {_start_time(os.getpid())}")
+os.replace(os.path.join(_run_dir, MASTER_FILE + ".new"), os.path.join(_run_dir, MASTER_FILE))
+os.environ["_IMGPROC_INSTANCE_DIR"] = _run_dir
 _own_metrics_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 if _own_metrics_dir:
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="imgproc-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(_run_dir, "metrics")
 _metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
-
-# One image worker per instance (imgproc.worker.election): the worker processes of this
-# master race for a lock file here; inherited by the workers through the environment.
-_instance_dir = tempfile.mkdtemp(prefix="imgproc-instance-")
-os.environ["_IMGPROC_INSTANCE_DIR"] = _instance_dir
 
 
 def on_starting(server: Any) -> None:
@@ -68,10 +128,8 @@ def child_exit(server: Any, worker: Any) -> None:
 
 
 def on_exit(server: Any) -> None:
-    """Remove the metrics directory if it was made here, and the instance directory."""
-    if _own_metrics_dir:
-        shutil.rmtree(_metrics_dir, ignore_errors=True)
-    shutil.rmtree(_instance_dir, ignore_errors=True)
+    """Remove this master's directory (with the metric files, unless the operator's)."""
+    shutil.rmtree(_run_dir, ignore_errors=True)
 
 
 preload_app = False

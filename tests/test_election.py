@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -18,8 +20,10 @@ from pytest_httpserver import HTTPServer
 from tests.conftest import csv_bytes, make_image, serve, serve_slowly
 from tests.processes import (
     Service,
+    descendants,
     start_gunicorn,
     upload_http,
+    wait_gone,
     wait_images_done,
     wait_terminal_http,
 )
@@ -166,3 +170,48 @@ def test_a_graceful_stop_starts_no_second_pipeline(
             assert len([line for line in log if "in flight" in line]) == 1
         finally:
             service.stop()
+
+
+def run_dirs(parent: str) -> dict[int, str]:
+    """The directories of gunicorn masters under ``parent``, by master pid."""
+    found = {}
+    for path in Path(parent).glob("imgproc-gunicorn-*"):
+        pid, _started = (path / "master").read_text().split()
+        found[int(pid)] = str(path)
+    return found
+
+
+def test_a_killed_masters_files_are_removed_by_the_next_master(
+    mongo_uri: str, db_name: str, tmp_path: Path
+) -> None:
+    # A master killed outright cannot remove its directory (the worker lock, the wake-up
+    # socket, the metric files): every SIGKILL left two directories in /tmp for good. The
+    # next master started on the host removes those of masters that are gone, and only those.
+    parent = tempfile.mkdtemp(prefix="g", dir="/tmp")  # short: a socket's path has 108 bytes
+    env = {**service_env(mongo_uri, db_name, tmp_path / "data"), "TMPDIR": parent}
+    env["IMGPROC_HTTP_WORKERS"] = "2"
+    started: list[Service] = []
+    try:
+        for name in ("killed", "alive"):
+            started.append(start_gunicorn(env, tmp_path / f"{name}.log"))
+            wait_leaders(started[-1], 1)
+        killed, alive = started
+        assert set(run_dirs(parent)) == {killed.process.pid, alive.process.pid}
+        processes = descendants(killed.process.pid) | {killed.process.pid}
+        killed.kill()
+        wait_gone(processes, 10)
+        assert killed.process.pid in run_dirs(parent)  # nothing removed it
+
+        started.append(start_gunicorn(env, tmp_path / "next.log"))
+        following = started[-1]
+        assert set(run_dirs(parent)) == {alive.process.pid, following.process.pid}
+        # The live instance's files are intact: it still runs work, and a stop removes them.
+        wait_leaders(following, 1)
+        assert len(leaders(alive)) == 1
+        for service in (alive, following):
+            assert service.terminate() == 0
+        assert run_dirs(parent) == {}
+    finally:
+        for service in started:
+            service.stop()
+        shutil.rmtree(parent, ignore_errors=True)

@@ -74,10 +74,11 @@ def sweep(parent: str) -> list[str]:
         try:
             with open(os.path.join(path, MASTER_FILE)) as master:
                 pid, started = master.read().split()
+            gone = _start_time(int(pid)) != started
         except (OSError, ValueError):
             continue  # not ours, or another master is making it right now
         lock = os.path.join(path, "worker.lock")  # imgproc.worker.election's
-        if _start_time(int(pid)) != started and not _locked(lock):
+        if gone and not _locked(lock):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed

@@ -1,8 +1,9 @@
 """One image worker per instance.
 
-Under gunicorn every worker process serves the API, but only one of them runs the image
-pipeline: the one holding an exclusive lock on a file in the instance's directory (made by
-``gunicorn_conf`` for this master, so two instances never share it). Then the bounds an
+Under gunicorn only one worker process runs the image pipeline: the one holding an
+exclusive lock on a file in the instance's directory (made by ``gunicorn_conf`` for this
+master, so two instances never share it). The others serve the API; it serves it too only
+when it is the instance's one worker process (see ``gunicorn_conf``). Then the bounds an
 operator sets hold per instance, not per process: downloads in flight, connections per
 host, codec slots, the download buffer. The others wait for the lock; the kernel releases it
 when its holder dies, and the next in line starts the pipeline (the dead one's requests come

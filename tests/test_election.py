@@ -182,7 +182,7 @@ def run_dirs(parent: str) -> dict[int, str]:
 
 
 def test_a_killed_masters_files_are_removed_by_the_next_master(
-    mongo_uri: str, db_name: str, tmp_path: Path
+    image_host: HTTPServer, mongo_uri: str, db_name: str, tmp_path: Path
 ) -> None:
     # A master killed outright cannot remove its directory (the worker lock, the wake-up
     # socket, the metric files): every SIGKILL left two directories in /tmp for good. The
@@ -190,6 +190,7 @@ def test_a_killed_masters_files_are_removed_by_the_next_master(
     parent = tempfile.mkdtemp(prefix="g", dir="/tmp")  # short: a socket's path has 108 bytes
     env = {**service_env(mongo_uri, db_name, tmp_path / "data"), "TMPDIR": parent}
     env["IMGPROC_HTTP_WORKERS"] = "2"
+    env["IMGPROC_POLL_SECONDS"] = "60"  # work starts within seconds only if woken
     started: list[Service] = []
     try:
         for name in ("killed", "alive"):
@@ -205,11 +206,16 @@ def test_a_killed_masters_files_are_removed_by_the_next_master(
         started.append(start_gunicorn(env, tmp_path / "next.log"))
         following = started[-1]
         assert set(run_dirs(parent)) == {alive.process.pid, following.process.pid}
-        # The live instance's files are intact: it still runs work, and a stop removes them.
+        # The live instance's files are intact: alone on the database now, its worker is
+        # woken through the socket there by the upload the other process answers (within
+        # seconds, not the minute's poll), and its stop removes them.
         wait_leaders(following, 1)
+        assert following.terminate() == 0
+        url = serve(image_host, "/k.jpg", make_image())
+        request_id = upload_http(alive.url, csv_bytes([(1, "A", [url])]))
+        assert wait_terminal_http(alive.url, request_id, timeout=10)["status"] == "completed"
         assert len(leaders(alive)) == 1
-        for service in (alive, following):
-            assert service.terminate() == 0
+        assert alive.terminate() == 0
         assert run_dirs(parent) == {}
     finally:
         for service in started:

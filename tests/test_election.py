@@ -34,13 +34,15 @@ pytestmark = pytest.mark.slow
 LEADS = "runs the instance's image worker"
 
 
+def logged_by(service: Service, text: str) -> list[int]:
+    """The pids of the service's log lines that contain ``text``, in order."""
+    lines = service.log.read_text().splitlines()
+    return [int(json.loads(line)["pid"]) for line in lines if text in line]
+
+
 def leaders(service: Service) -> list[int]:
     """The pids that logged taking the instance's worker lock, in order."""
-    found = []
-    for line in service.log.read_text().splitlines():
-        if LEADS in line:
-            found.append(int(json.loads(line)["pid"]))
-    return found
+    return logged_by(service, LEADS)
 
 
 def wait_leaders(service: Service, count: int, timeout: float = 20) -> list[int]:
@@ -84,15 +86,6 @@ def test_one_process_runs_the_work_and_any_process_starts_it(
         service.stop()
 
 
-def answered_by(service: Service, path: str) -> list[int]:
-    """The pids that logged answering a GET of a path starting with ``path``, in order."""
-    found = []
-    for line in service.log.read_text().splitlines():
-        if f'"GET {path}' in line:
-            found.append(int(json.loads(line)["pid"]))
-    return found
-
-
 def test_the_process_running_the_work_leaves_http_to_the_others(
     image_host: HTTPServer, mongo_uri: str, db_name: str, tmp_path: Path
 ) -> None:
@@ -112,7 +105,7 @@ def test_the_process_running_the_work_leaves_http_to_the_others(
                 fresh = requests.get(status, headers={"Connection": "close"}, timeout=10)
                 assert fresh.status_code == 200
         time.sleep(0.2)  # the last lines are written
-        answers = answered_by(service, "/csv/status/")
+        answers = logged_by(service, '"GET /csv/status/')  # the per-request log lines
         assert len(answers) >= 24
         assert leader not in answers, f"the leader {leader} answered: {answers}"
         assert leaders(service) == [leader]  # and it still runs the work

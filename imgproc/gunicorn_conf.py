@@ -103,9 +103,10 @@ def _locked(path: str) -> bool:
 
 sweep(tempfile.gettempdir())
 _run_dir = tempfile.mkdtemp(prefix=RUN_PREFIX)
-with open(os.path.join(_run_dir, MASTER_FILE + ".new"), "w") as _master:
+_master_file = os.path.join(_run_dir, MASTER_FILE)
+with open(_master_file + ".new", "w") as _master:  # renamed whole: never read half-written
     _master.write(f"{os.getpid()} {_start_time(os.getpid())}")
-os.replace(os.path.join(_run_dir, MASTER_FILE + ".new"), os.path.join(_run_dir, MASTER_FILE))
+os.replace(_master_file + ".new", _master_file)
 os.environ["_IMGPROC_INSTANCE_DIR"] = _run_dir
 _own_metrics_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 if _own_metrics_dir:

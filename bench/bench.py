@@ -11,8 +11,9 @@ measures:
   latency (the first bytes can arrive no earlier: nothing finishes in that time whatever
   the service does); and the steady rate between 10% and 90% of the images finished;
 - the ratio to the compress-only ceiling: the same bytes decoded and re-encoded at the
-  same quality by a plain Pillow loop on one thread per core (best of a run before the
-  first service and one after each, because the VM's speed drifts);
+  same quality by a plain Pillow loop on one thread per core, run before the first service
+  and after each (the VM's speed drifts); each batch is set against the mean of the runs
+  just before and after it, and, conservatively, against the best run of all;
 - status latency p50/p99 while a user polls the request's default status page;
 - the peak RSS of every service process, and CPU seconds by role (image host included);
 - after the first batch, on the same service and at latency 0: the time to accept a
@@ -20,16 +21,21 @@ measures:
 
 and, on a throw-away embedded database, what journaled writes cost (bench/durability.py).
 
+The batches run ``--rounds`` times over (default 3: the ratio of one 400-image batch moves
+by +-0.08 on this VM from minute to minute; the big CSV and the write concerns run once):
+the ratio is checked by its median over the rounds, the RSS and status latency in every
+batch.
+
 The batch at latency L has ``--images`` + ``--images-per-latency-s`` x L images (whole
 passes over the distinct ones; each phase has URLs of its own, so no phase is served from
 an earlier one's cache), so that the first latency, in which nothing can finish, is a
 small part of the run: 400, 800 and 2,000 by default (the 2,000 at 1 s is the RSS batch).
 
-Prints a table and one JSON line (the last line). Exit status 1 if a target is missed:
-ratio (excluding one latency) >= 0.9 at every latency, app peak RSS < 400 MB, the big CSV
-accepted in < 1 s, status p99 < 100 ms in every phase.
+Prints tables and one JSON line (the last line). Exit status 1 if a target is missed:
+ratio (excluding one latency, median over the rounds) >= 0.9 at every latency, app peak RSS
+< 400 MB and status p99 < 100 ms in every batch, the big CSV accepted in < 1 s.
 
-Usage: python bench/bench.py [--latencies 0,0.3,1.0] [--images 400]
+Usage: python bench/bench.py [--latencies 0,0.3,1.0] [--rounds 3] [--images 400]
                             [--images-per-latency-s 1600] [--big-rows 10000] [--quality 50]
                             [--storage local|gridfs|s3] [--durability-products 10000]
                             [--profile] [--keep]
@@ -44,6 +50,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -497,15 +504,44 @@ def run_big(
     }
 
 
+def by_latency(phases: list[dict[str, Any]], latencies: list[float]) -> list[dict[str, Any]]:
+    """The rounds of each latency together: medians of the rates and ratios (with the paired
+    ratio's lowest and highest), the highest RSS and status p99."""
+    summary = []
+    for latency in latencies:
+        runs = [p for p in phases if p["latency_s"] == latency]
+        paired = [p["ratio_paired"] for p in runs]
+        summary.append(
+            {
+                "latency_s": latency,
+                "images": runs[0]["images"],
+                "rounds": len(runs),
+                "e2e_less_latency_images_per_s": round(
+                    statistics.median(p["e2e_less_latency_images_per_s"] for p in runs), 2
+                ),
+                "ceiling_paired": round(statistics.median(p["ceiling_paired"] for p in runs), 2),
+                "ratio_paired": round(statistics.median(paired), 3),
+                "ratio_paired_range": [min(paired), max(paired)],
+                "ratio": round(statistics.median(p["ratio"] for p in runs), 3),
+                "app_peak_rss_mb": max(p["app_peak_rss_mb"] for p in runs),
+                "status_p99_ms": max(p["status_p99_ms"] for p in runs),
+                "peak_waiting": max(p["image_host"]["peak_waiting"] for p in runs),
+            }
+        )
+    return summary
+
+
 def check_targets(result: dict[str, Any]) -> list[str]:
-    """Every target missed, as ``figure@where``."""
+    """Every target missed, as ``figure@where``: the ratio by its median over the rounds
+    (paired), everything else in every batch."""
     missed = []
+    for latency in result["by_latency"]:
+        if latency["ratio_paired"] < TARGETS["ratio"]:
+            missed.append(f"ratio@{latency['latency_s']:g}s")
     for phase in result["phases"]:
         where = f"@{phase['latency_s']:g}s"
         if phase["status"] != "completed":
             missed.append(f"status{where}")
-        if phase["ratio"] < TARGETS["ratio"]:
-            missed.append(f"ratio{where}")
         if phase["app_peak_rss_mb"] > TARGETS["app_peak_rss_mb"]:
             missed.append(f"app_peak_rss_mb{where}")
         if phase["status_p99_ms"] > TARGETS["status_p99_ms"]:
@@ -520,7 +556,7 @@ def check_targets(result: dict[str, Any]) -> list[str]:
             missed.append("status_p99_ms@big")
         if big["app_peak_rss_mb"] > TARGETS["app_peak_rss_mb"]:
             missed.append("app_peak_rss_mb@big")
-    return missed
+    return list(dict.fromkeys(missed))  # once each, whichever rounds missed it
 
 
 def report(result: dict[str, Any]) -> str:
@@ -532,47 +568,87 @@ def report(result: dict[str, Any]) -> str:
     ceiling_runs = " / ".join(f"{run:g}" for run in result["ceiling_runs"])
     lines = [
         f"{result['cores']} cores, quality {result['quality']}, storage {result['storage']}, "
-        f"{result['images']} distinct images; ceiling = best of {ceiling_runs} images/s",
+        f"{result['images']} distinct images; ceiling runs {ceiling_runs} images/s "
+        f"(best {result['ceiling_images_per_s']:g})",
         "",
     ]
     header = [
         "latency",
         "images",
-        "e2e img/s",
+        "rounds",
         "e2e-L img/s",
-        "steady img/s",
         "ceiling",
         "ratio",
-        "overall",
-        "steady",
+        "ratio range",
+        "ratio vs best",
         "app RSS MB",
-        "status p50/p99 ms",
+        "status p99 ms",
         "waiting",
     ]
     rows = [
         [
+            f"{s['latency_s']:g} s",
+            str(s["images"]),
+            str(s["rounds"]),
+            figure(s["e2e_less_latency_images_per_s"], 1),
+            figure(s["ceiling_paired"], 1),
+            figure(s["ratio_paired"], 2),
+            "-".join(f"{r:.2f}" for r in s["ratio_paired_range"]),
+            figure(s["ratio"], 2),
+            figure(s["app_peak_rss_mb"], 0),
+            f"{s['status_p99_ms']:.0f}",
+            str(s["peak_waiting"]),
+        ]
+        for s in result["by_latency"]
+    ]
+    lines += markdown(header, rows)
+    lines += [
+        "",
+        f"ratio = e2e-L / ceiling, median over the rounds, checked against the target (>= "
+        f"{TARGETS['ratio']});",
+        "  e2e-L = images / (batch time - one latency): no image can finish before its first byte;",
+        "  ceiling = the mean of the ceiling runs just before and just after the batch.",
+        "ratio vs best = the same against the best ceiling run of all (the conservative one).",
+        "app RSS, status p99: the highest over the rounds (targets < "
+        f"{TARGETS['app_peak_rss_mb']:g} MB, < {TARGETS['status_p99_ms']:g} ms in every batch).",
+        "waiting = the most requests the image host held at once (downloads in flight).",
+        "",
+        "every batch:",
+    ]
+    header = [
+        "round",
+        "latency",
+        "e2e img/s",
+        "e2e-L img/s",
+        "steady img/s",
+        "ceiling before / after",
+        "ratio",
+        "vs best",
+        "overall",
+        "steady",
+        "app RSS MB",
+        "status p50/p99 ms",
+    ]
+    rows = [
+        [
+            str(p["round"]),
             f"{p['latency_s']:g} s",
-            str(p["images"]),
             figure(p["e2e_images_per_s"], 1),
             figure(p["e2e_less_latency_images_per_s"], 1),
             figure(p["steady_images_per_s"], 1),
-            figure(result["ceiling_images_per_s"], 1),
+            " / ".join(f"{c:.1f}" for c in p["ceilings_around"]),
+            figure(p["ratio_paired"], 2),
             figure(p["ratio"], 2),
             figure(p["ratio_overall"], 2),
             figure(p["ratio_steady"], 2),
             figure(p["app_peak_rss_mb"], 0),
             f"{p['status_p50_ms']:.0f} / {p['status_p99_ms']:.0f}",
-            str(p["image_host"]["peak_waiting"]),
         ]
         for p in result["phases"]
     ]
     lines += markdown(header, rows)
     lines += [
-        "",
-        f"ratio = e2e-L / ceiling, checked against the target (>= {TARGETS['ratio']}); e2e-L =",
-        "  images / (batch time - one latency): no image can finish before its first byte.",
-        "overall = e2e / ceiling; steady = images/s from 10% to 90% finished / ceiling.",
-        "waiting = the most requests the image host held at once (downloads in flight).",
+        "overall = e2e / best ceiling; steady = images/s from 10% to 90% finished / best ceiling.",
     ]
     big = result.get("big")
     if big:
@@ -589,7 +665,7 @@ def report(result: dict[str, Any]) -> str:
     for p in result["phases"]:
         host = p["image_host"]
         lines.append(
-            f"CPU s at {p['latency_s']:g} s: "
+            f"CPU s, round {p['round']}, at {p['latency_s']:g} s: "
             + ", ".join(f"{k} {v:g}" for k, v in p["cpu_s_by_role"].items())
             + f" ({p['cpu_busy_share']:.0%} of the cores busy); image host: "
             f"{host['requests']} requests, {host['connections']} connections"
@@ -615,6 +691,12 @@ def main() -> int:
         type=int,
         default=1600,
         help="images added to the batch per second of latency (rounded to whole passes)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="passes over the latencies (each batch between two ceiling runs); medians reported",
     )
     parser.add_argument("--per-row", type=int, default=2)
     parser.add_argument("--quality", type=int, default=50)
@@ -654,6 +736,8 @@ def main() -> int:
         help="IMGPROC_STORAGE of the service; s3 starts SeaweedFS on loopback (tests/s3server.py)",
     )
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     latencies = [float(value) for value in args.latencies.split(",") if value.strip()]
 
     began = time.monotonic()
@@ -691,28 +775,32 @@ def main() -> int:
     finished = False
     try:
         with host:
-            for index, latency in enumerate(latencies):
+            for index, (turn, latency) in enumerate(
+                (turn, latency) for turn in range(args.rounds) for latency in latencies
+            ):
                 count = batch_size(latency, args.images, args.images_per_latency_s)
-                progress(f"latency {latency:g} s: starting the service for {count} images ...")
+                progress(
+                    f"round {turn + 1}, latency {latency:g} s: starting the service for "
+                    f"{count} images ..."
+                )
                 phase_dir = work / f"phase-{index}"
                 phase_dir.mkdir()
                 service, url = start_service(str(phase_dir), storage_env)
                 sampler = RssSampler(service.pid)
                 sampler.start()
                 try:
-                    result["phases"].append(
-                        run_batch(
-                            url,
-                            host,
-                            service,
-                            sampler,
-                            latency=latency,
-                            count=count,
-                            tag=f"p{index}-{round(latency * 1000)}ms",
-                            args=args,
-                            profile_dir=phase_dir,
-                        )
+                    phase = run_batch(
+                        url,
+                        host,
+                        service,
+                        sampler,
+                        latency=latency,
+                        count=count,
+                        tag=f"p{index}-{round(latency * 1000)}ms",
+                        args=args,
+                        profile_dir=phase_dir,
                     )
+                    result["phases"].append({"round": turn + 1, **phase})
                     if index == 0 and args.big_rows:
                         progress(f"big CSV: {args.big_rows} rows ...")
                         result["big"] = run_big(url, host, sampler, args)
@@ -721,6 +809,11 @@ def main() -> int:
                     stop_service(service, sampler)
                 progress("ceiling ...")
                 ceilings.append(ceiling(images, args.quality))
+                # the runs just before and just after this batch: the machine's speed then
+                result["phases"][-1]["ceilings_around"] = [
+                    round(ceilings[-2], 2),
+                    round(ceilings[-1], 2),
+                ]
         finished = True
     finally:
         if s3_server is not None:
@@ -738,16 +831,24 @@ def main() -> int:
             singles=max(10, min(200, args.durability_products // 50)),
         )
 
-    # The machine's speed drifts (a shared VM): the best of the runs before and after the
-    # services is what the hardware allows, and the ratio against it is the conservative one.
+    # The machine's speed drifts (a shared VM: the ceiling has been seen anywhere from 65 to
+    # 122 images/s within an hour). The best of all the ceiling runs is what the hardware
+    # allows at its best, and the ratio against it is the conservative one; but it sets a
+    # batch run in a slow minute against the fastest minute of the whole run. The paired
+    # ratio sets each batch against the mean of the ceiling runs just before and just after
+    # it, and its median over the rounds is what the target is checked against.
     top = max(ceilings)
     result["ceiling_images_per_s"] = round(top, 2)
     result["ceiling_runs"] = [round(run, 1) for run in ceilings]
     for phase in result["phases"]:
+        paired = sum(phase["ceilings_around"]) / 2
+        phase["ceiling_paired"] = round(paired, 2)
+        phase["ratio_paired"] = round(phase["e2e_less_latency_images_per_s"] / paired, 3)
         phase["ratio"] = round(phase["e2e_less_latency_images_per_s"] / top, 3)
         phase["ratio_overall"] = round(phase["e2e_images_per_s"] / top, 3)
         steady = phase["steady_images_per_s"]
         phase["ratio_steady"] = None if steady is None else round(steady / top, 3)
+    result["by_latency"] = by_latency(result["phases"], latencies)
     result["app_peak_rss_mb"] = max(
         [phase["app_peak_rss_mb"] for phase in result["phases"]]
         + ([result["big"]["app_peak_rss_mb"]] if "big" in result else [])

@@ -64,6 +64,8 @@ def test_bench_runs_and_reports() -> None:
             "6",
             "--latencies",
             "0,0.2",
+            "--rounds",
+            "2",
             "--images-per-latency-s",
             "30",
             "--big-rows",
@@ -79,9 +81,18 @@ def test_bench_runs_and_reports() -> None:
     assert result.returncode in (0, 1), result.stdout + result.stderr  # 1: a target missed
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["ceiling_images_per_s"] > 0
-    assert [p["latency_s"] for p in figures["phases"]] == [0.0, 0.2]
-    assert [p["images"] for p in figures["phases"]] == [6, 12]  # whole passes over the 6
-    for phase in figures["phases"]:
+    assert len(figures["ceiling_runs"]) == 5  # before the first batch, and after each
+    assert [p["latency_s"] for p in figures["phases"]] == [0.0, 0.2, 0.0, 0.2]
+    assert [p["round"] for p in figures["phases"]] == [1, 1, 2, 2]
+    assert [p["images"] for p in figures["phases"]] == [6, 12, 6, 12]  # whole passes over the 6
+    for index, phase in enumerate(figures["phases"]):
+        assert phase["ceilings_around"] == pytest.approx(
+            figures["ceiling_runs"][index : index + 2], abs=0.06
+        )
+        assert phase["ratio_paired"] == pytest.approx(
+            phase["e2e_less_latency_images_per_s"] / (sum(phase["ceilings_around"]) / 2),
+            abs=0.002,
+        )
         assert phase["status"] == "completed"
         assert phase["images_done"] == phase["images"]
         assert phase["image_host"]["requests"] >= phase["images"]
@@ -95,6 +106,14 @@ def test_bench_runs_and_reports() -> None:
         assert phase["status_p99_ms"] >= phase["status_p50_ms"] > 0
     # every request waited 0.2 s before its first byte, so the batch took longer than that
     assert figures["phases"][1]["batch_s"] > 0.2
+    for latency, summary in zip((0.0, 0.2), figures["by_latency"], strict=True):
+        rounds = [p for p in figures["phases"] if p["latency_s"] == latency]
+        paired = sorted(p["ratio_paired"] for p in rounds)
+        assert summary["latency_s"] == latency and summary["rounds"] == 2
+        assert summary["ratio_paired"] == pytest.approx(sum(paired) / 2, abs=0.002)  # median
+        assert summary["ratio_paired_range"] == paired
+        assert summary["status_p99_ms"] == max(p["status_p99_ms"] for p in rounds)
+        assert summary["app_peak_rss_mb"] == max(p["app_peak_rss_mb"] for p in rounds)
     big = figures["big"]
     assert big["status"] == "completed" and big["accept_s"] > 0
     assert big["image_host"]["requests"] >= 80

@@ -118,6 +118,11 @@ class ImageHost:
                     break
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             pass  # the client went away, or sent no HTTP
+        except asyncio.CancelledError:
+            # The host is stopping with the connection open. Ending here instead of as
+            # cancelled spares Python 3.11's stream callback, which calls exception() on
+            # the cancelled task and logs a CancelledError traceback per connection.
+            pass
         finally:
             self.counters.open_connections -= 1
             writer.close()

@@ -56,6 +56,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -559,6 +560,15 @@ def check_targets(result: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(missed))  # once each, whichever rounds missed it
 
 
+def columns(
+    spec: list[tuple[str, Callable[[dict[str, Any]], str]]], items: list[dict[str, Any]]
+) -> list[str]:
+    """A Markdown table with a row per item: each column a header and how to show its cell."""
+    return markdown(
+        [header for header, _ in spec], [[cell(item) for _, cell in spec] for item in items]
+    )
+
+
 def report(result: dict[str, Any]) -> str:
     """The human-readable tables."""
 
@@ -572,36 +582,22 @@ def report(result: dict[str, Any]) -> str:
         f"(best {result['ceiling_images_per_s']:g})",
         "",
     ]
-    header = [
-        "latency",
-        "images",
-        "rounds",
-        "e2e-L img/s",
-        "ceiling",
-        "ratio",
-        "ratio range",
-        "ratio vs best",
-        "app RSS MB",
-        "status p99 ms",
-        "waiting",
-    ]
-    rows = [
+    lines += columns(
         [
-            f"{s['latency_s']:g} s",
-            str(s["images"]),
-            str(s["rounds"]),
-            figure(s["e2e_less_latency_images_per_s"], 1),
-            figure(s["ceiling_paired"], 1),
-            figure(s["ratio_paired"], 2),
-            "-".join(f"{r:.2f}" for r in s["ratio_paired_range"]),
-            figure(s["ratio"], 2),
-            figure(s["app_peak_rss_mb"], 0),
-            f"{s['status_p99_ms']:.0f}",
-            str(s["peak_waiting"]),
-        ]
-        for s in result["by_latency"]
-    ]
-    lines += markdown(header, rows)
+            ("latency", lambda s: f"{s['latency_s']:g} s"),
+            ("images", lambda s: str(s["images"])),
+            ("rounds", lambda s: str(s["rounds"])),
+            ("e2e-L img/s", lambda s: figure(s["e2e_less_latency_images_per_s"], 1)),
+            ("ceiling", lambda s: figure(s["ceiling_paired"], 1)),
+            ("ratio", lambda s: figure(s["ratio_paired"], 2)),
+            ("ratio range", lambda s: "-".join(f"{r:.2f}" for r in s["ratio_paired_range"])),
+            ("ratio vs best", lambda s: figure(s["ratio"], 2)),
+            ("app RSS MB", lambda s: figure(s["app_peak_rss_mb"], 0)),
+            ("status p99 ms", lambda s: f"{s['status_p99_ms']:.0f}"),
+            ("waiting", lambda s: str(s["peak_waiting"])),
+        ],
+        result["by_latency"],
+    )
     lines += [
         "",
         f"ratio = e2e-L / ceiling, median over the rounds, checked against the target (>= "
@@ -615,38 +611,26 @@ def report(result: dict[str, Any]) -> str:
         "",
         "every batch:",
     ]
-    header = [
-        "round",
-        "latency",
-        "e2e img/s",
-        "e2e-L img/s",
-        "steady img/s",
-        "ceiling before / after",
-        "ratio",
-        "vs best",
-        "overall",
-        "steady",
-        "app RSS MB",
-        "status p50/p99 ms",
-    ]
-    rows = [
+    lines += columns(
         [
-            str(p["round"]),
-            f"{p['latency_s']:g} s",
-            figure(p["e2e_images_per_s"], 1),
-            figure(p["e2e_less_latency_images_per_s"], 1),
-            figure(p["steady_images_per_s"], 1),
-            " / ".join(f"{c:.1f}" for c in p["ceilings_around"]),
-            figure(p["ratio_paired"], 2),
-            figure(p["ratio"], 2),
-            figure(p["ratio_overall"], 2),
-            figure(p["ratio_steady"], 2),
-            figure(p["app_peak_rss_mb"], 0),
-            f"{p['status_p50_ms']:.0f} / {p['status_p99_ms']:.0f}",
-        ]
-        for p in result["phases"]
-    ]
-    lines += markdown(header, rows)
+            ("round", lambda p: str(p["round"])),
+            ("latency", lambda p: f"{p['latency_s']:g} s"),
+            ("e2e img/s", lambda p: figure(p["e2e_images_per_s"], 1)),
+            ("e2e-L img/s", lambda p: figure(p["e2e_less_latency_images_per_s"], 1)),
+            ("steady img/s", lambda p: figure(p["steady_images_per_s"], 1)),
+            (
+                "ceiling before / after",
+                lambda p: " / ".join(f"{c:.1f}" for c in p["ceilings_around"]),
+            ),
+            ("ratio", lambda p: figure(p["ratio_paired"], 2)),
+            ("vs best", lambda p: figure(p["ratio"], 2)),
+            ("overall", lambda p: figure(p["ratio_overall"], 2)),
+            ("steady", lambda p: figure(p["ratio_steady"], 2)),
+            ("app RSS MB", lambda p: figure(p["app_peak_rss_mb"], 0)),
+            ("status p50/p99 ms", lambda p: f"{p['status_p50_ms']:.0f} / {p['status_p99_ms']:.0f}"),
+        ],
+        result["phases"],
+    )
     lines += [
         "overall = e2e / best ceiling; steady = images/s from 10% to 90% finished / best ceiling.",
     ]

@@ -509,7 +509,7 @@ def by_latency(phases: list[dict[str, Any]], latencies: list[float]) -> list[dic
     """The rounds of each latency together: medians of the rates and ratios (with the paired
     ratio's lowest and highest), the highest RSS and status p99."""
     summary = []
-    for latency in latencies:
+    for latency in dict.fromkeys(latencies):  # a latency listed twice: one row, all its runs
         runs = [p for p in phases if p["latency_s"] == latency]
         paired = [p["ratio_paired"] for p in runs]
         summary.append(

@@ -13,6 +13,8 @@ import shutil
 import tempfile
 from typing import Any
 
+from imgproc.instance import INSTANCE_DIR_ENV, WORKER_LOCK
+
 bind = f"127.0.0.1:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("IMGPROC_HTTP_WORKERS", "2"))
 worker_class = "gthread"
@@ -77,8 +79,7 @@ def sweep(parent: str) -> list[str]:
             gone = _start_time(int(pid)) != started
         except (OSError, ValueError):
             continue  # not ours, or another master is making it right now
-        lock = os.path.join(path, "worker.lock")  # imgproc.worker.election's
-        if gone and not _locked(lock):
+        if gone and not _locked(os.path.join(path, WORKER_LOCK)):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
@@ -107,7 +108,7 @@ _master_file = os.path.join(_run_dir, MASTER_FILE)
 with open(_master_file + ".new", "w") as _master:  # renamed whole: never read half-written
     _master.write(f"{os.getpid()} {_start_time(os.getpid())}")
 os.replace(_master_file + ".new", _master_file)
-os.environ["_IMGPROC_INSTANCE_DIR"] = _run_dir
+os.environ[INSTANCE_DIR_ENV] = _run_dir
 _own_metrics_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 if _own_metrics_dir:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(_run_dir, "metrics")

@@ -27,6 +27,7 @@ from imgproc.errors import (
     RequestNotFound,
 )
 from imgproc.fetcher import Fetcher
+from imgproc.instance import INSTANCE_DIR_ENV
 from imgproc.metrics import render as render_metrics
 from imgproc.models import (
     FINISHED_PRODUCT,
@@ -48,7 +49,7 @@ from imgproc.storage import Storage, StoredFile, open_storage, public_base
 from imgproc.store import DatabaseError, Store, connect
 from imgproc.webhooks import WebhookSender
 from imgproc.worker import Worker
-from imgproc.worker.election import INSTANCE_DIR_ENV, Election
+from imgproc.worker.election import Election
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,10 @@ import socket
 import threading
 from collections.abc import Callable
 
+from imgproc.instance import WAKE_SOCKET, WORKER_LOCK
+
 log = logging.getLogger(__name__)
 
-INSTANCE_DIR_ENV = "_IMGPROC_INSTANCE_DIR"  # set by gunicorn_conf for its workers
 RETRY_SECONDS = 0.5
 
 
@@ -58,7 +59,7 @@ class Election:
     @property
     def wake_path(self) -> str:
         assert self.directory is not None
-        return os.path.join(self.directory, "wake.sock")
+        return os.path.join(self.directory, WAKE_SOCKET)
 
     def begin(self) -> None:
         """Run the worker here now (no instance directory), or once the lock is ours."""
@@ -70,7 +71,7 @@ class Election:
 
     def _campaign(self) -> None:
         assert self.directory is not None
-        fd = os.open(os.path.join(self.directory, "worker.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(os.path.join(self.directory, WORKER_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
         os.set_inheritable(fd, False)
         while True:
             try:

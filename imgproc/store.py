@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import gridfs
 from bson import ObjectId
-from pymongo import ASCENDING, DESCENDING, MongoClient, ReturnDocument, UpdateOne
+from pymongo import ASCENDING, DESCENDING, MongoClient, ReturnDocument, UpdateOne, monitoring
 from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import (
@@ -62,6 +63,45 @@ class Claim:
     suspect_rows: int
 
 
+class DbTime(monitoring.CommandListener):
+    """How long the current thread has waited on the database: the access log's ``db_ms``.
+
+    A slow HTTP answer either waited on the database or for the CPU (its worker process,
+    the GIL); the access line tells which. Listens to every command of the client
+    :func:`connect` makes and adds each one's round trip to the thread that sent it
+    (pymongo reports a command on the thread that runs it).
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def start(self) -> None:
+        """Count from zero on this thread (at the start of an HTTP request)."""
+        self._local.micros = 0
+        self._local.calls = 0
+
+    def taken(self) -> tuple[float, int]:
+        """Milliseconds waited and commands sent on this thread since :meth:`start`."""
+        return getattr(self._local, "micros", 0) / 1000, getattr(self._local, "calls", 0)
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        """Nothing: the round trip is known when it ends."""
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        self._add(event.duration_micros)
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        self._add(event.duration_micros)
+
+    def _add(self, micros: int) -> None:
+        local = self._local
+        local.micros = getattr(local, "micros", 0) + micros
+        local.calls = getattr(local, "calls", 0) + 1
+
+
+DB_TIME = DbTime()
+
+
 def connect(uri: str, *, timeout_ms: int, pool_size: int) -> MongoClient[Doc]:
     """A lazily connecting, fork-safe client (nothing touches the network until first use).
 
@@ -81,6 +121,7 @@ def connect(uri: str, *, timeout_ms: int, pool_size: int) -> MongoClient[Doc]:
         maxPoolSize=pool_size,
         retryWrites=True,
         appname="imgproc",
+        event_listeners=[DB_TIME],  # the access log's db_ms
     )
 
 

@@ -56,6 +56,7 @@ def test_logs_are_json_lines_tagged_with_the_request_and_free_of_secrets(
     request_id = created.get_json()["request_id"]
     assert wait_terminal(client, request_id)["status"] == "completed_with_errors"
     wait_webhook(client, request_id, "delivered")
+    assert client.get("/no-such-page").status_code == 404
 
     out = capsys.readouterr()
     lines = json_lines(out.err)
@@ -75,6 +76,15 @@ def test_logs_are_json_lines_tagged_with_the_request_and_free_of_secrets(
     assert any("image 0 done" in m for m in messages)
     assert any("completed_with_errors" in m for m in messages)
     assert any("webhook delivered" in m for m in messages)
+    # Each access line has the time its own request waited on the database, apart from the
+    # rest (the same thread answered every request here: nothing carries over).
+    polls = [line for line in about if line["message"].startswith("GET /csv/status/")]
+    assert polls
+    for line in polls:
+        assert 1 <= line["db_calls"] <= 4
+        assert 0 < line["db_ms"] <= line["duration_ms"]
+    missing = next(line for line in lines if line["message"] == "GET /no-such-page 404")
+    assert (missing["db_calls"], missing["db_ms"]) == (0, 0)
     failed = next(line for line in about if "failed: HTTP 404" in line["message"])
     assert failed["level"] == "info"  # the user's broken link is not the operator's problem
     # Every line that names the request carries its id.

@@ -1,5 +1,6 @@
-"""Per HTTP request: one log line and the HTTP metrics, with the ``request_id`` of the
-batch the call is about (from the path) on every line logged while it is answered."""
+"""Per HTTP request: one log line (with the time it waited on the database, so a slow
+answer shows what it waited for) and the HTTP metrics, with the ``request_id`` of the batch
+the call is about (from the path) on every line logged while it is answered."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from flask import Flask, Response, g, request
 
 from imgproc import metrics
 from imgproc.logs import bind, unbind
+from imgproc.store import DB_TIME
 
 log = logging.getLogger("imgproc.http")
 
@@ -23,11 +25,13 @@ def install(app: Flask) -> None:
     @app.before_request
     def _start() -> None:
         g.imgproc_started = time.perf_counter()
+        DB_TIME.start()
         g.imgproc_log_token = bind((request.view_args or {}).get("request_id"))
 
     @app.after_request
     def _finish(response: Response) -> Response:
         elapsed = time.perf_counter() - g.get("imgproc_started", time.perf_counter())
+        db_ms, db_calls = DB_TIME.taken()
         route = request.url_rule.rule if request.url_rule else "unmatched"
         metrics.HTTP_REQUESTS.labels(request.method, route, str(response.status_code)).inc()
         metrics.HTTP_SECONDS.labels(route).observe(elapsed)
@@ -38,7 +42,12 @@ def install(app: Flask) -> None:
             request.method,
             request.path,
             response.status_code,
-            extra={"duration_ms": round(elapsed * 1000, 1), "route": route},
+            extra={
+                "duration_ms": round(elapsed * 1000, 1),
+                "db_ms": round(db_ms, 1),
+                "db_calls": db_calls,
+                "route": route,
+            },
         )
         return response
 

@@ -104,6 +104,11 @@ def test_bench_runs_and_reports() -> None:
         assert phase["app_peak_rss_mb"] > 0
         assert set(phase["peak_rss_mb"]) == {"launcher", "database", "gunicorn"}
         assert phase["status_p99_ms"] >= phase["status_p50_ms"] > 0
+        # The service's side of the same polls, from its access lines: each one's handler
+        # time within the poller's, and the database wait within that.
+        assert phase["status_answered"] == phase["status_polls"]
+        assert 0 < phase["status_db_p99_ms"] <= phase["status_handler_p99_ms"]
+        assert phase["status_handler_p99_ms"] <= phase["status_p99_ms"]
     # every request waited 0.2 s before its first byte, so the batch took longer than that
     assert figures["phases"][1]["batch_s"] > 0.2
     for latency, summary in zip((0.0, 0.2), figures["by_latency"], strict=True):
@@ -118,6 +123,8 @@ def test_bench_runs_and_reports() -> None:
     assert big["status"] == "completed" and big["accept_s"] > 0
     assert big["image_host"]["requests"] >= 80
     assert big["status_p99_ms"] >= big["status_p50_ms"] > 0
+    assert big["status_answered"] == big["status_polls"]
+    assert 0 < big["status_db_p99_ms"] <= big["status_handler_p99_ms"] <= big["status_p99_ms"]
     durability = figures["durability"]
     for concern in ("default", "w:1", "w:majority", "w:majority,j"):
         assert durability[concern]["insert_s"] > 0

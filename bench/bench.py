@@ -298,8 +298,8 @@ def start_service(data_dir: str, extra_env: dict[str, str]) -> tuple[subprocess.
 def answered(log_path: Path, request_id: str) -> dict[str, Any]:
     """The service's own side of the status polls of ``request_id``, from its access lines:
     the p99 of the time in the handler and of the part of it that waited on the database.
-    The poller's figure adds the connection, gunicorn's queue and the client's own process
-    (it shares the bench's GIL with the image host)."""
+    The poller's figure adds the connection, gunicorn's queue and the client (here a thread
+    of this process, beside the image host)."""
     handler, database = [], []
     for line in log_path.read_text(errors="replace").splitlines():
         try:

@@ -77,12 +77,13 @@ def test_logs_are_json_lines_tagged_with_the_request_and_free_of_secrets(
     assert any("completed_with_errors" in m for m in messages)
     assert any("webhook delivered" in m for m in messages)
     # Each access line has the time its own request waited on the database, apart from the
-    # rest (the same thread answered every request here: nothing carries over).
+    # rest (the same thread answered every request here: nothing carries over). A poll of
+    # this two-row request reads it in 1-4 commands (whole pages, cached or not).
     polls = [line for line in about if line["message"].startswith("GET /csv/status/")]
     assert polls
     for line in polls:
         assert 1 <= line["db_calls"] <= 4
-        assert 0 < line["db_ms"] <= line["duration_ms"]
+        assert 0 <= line["db_ms"] <= line["duration_ms"]
     missing = next(line for line in lines if line["message"] == "GET /no-such-page 404")
     assert (missing["db_calls"], missing["db_ms"]) == (0, 0)
     failed = next(line for line in about if "failed: HTTP 404" in line["message"])

@@ -1,6 +1,7 @@
 """The download pipeline on real origins: connections per host bounded and reused, a
 Retry-After honoured without holding a slot, a slow host never holding back another,
-requests sharing the pipe, and the memory budget for downloaded bytes."""
+requests sharing the pipe, downloads in flight following the origins' latency, and the
+memory budget for downloaded bytes."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from imgproc.worker.pipeline import ByteBudget
+from imgproc.worker.pipeline import ByteBudget, DownloadDepth
 from tests.conftest import csv_bytes, make_image, upload, wait_terminal
 from tests.origin import Origin
 
@@ -123,6 +124,101 @@ def test_requests_share_the_pipe_and_a_small_one_finishes_in_seconds(
     # Shared, not one after the other: the second was half done when the first ended
     # (one after the other, it would have had nothing but what the first left over).
     assert images_done(client, second) >= 32
+
+
+def test_a_fast_origin_gets_a_few_downloads_at_once_and_a_slow_one_every_slot(
+    make_app: Callable[..., Flask], origin: Origin, other_origin: Origin
+) -> None:
+    # Every slot on a fast origin would finish hundreds of downloads in a burst, their
+    # threads taking the GIL from the codec and their bytes piling up in memory.
+    client = make_app(downloads=64, cpu_slots=2).test_client()
+    photo = make_image(1600, 1200)  # ~30 ms in the codec: ~64 a second on two threads
+    fast = [origin.route(f"/f{i}.jpg", photo, latency=0.06) for i in range(120)]
+    body = wait_terminal(client, submit(client, fast, per_row=5), timeout=60)
+    assert body["progress"]["images_done"] == 120
+    # 2 x ~64/s x 60 ms plus 4 waiting: ~12 (more when this machine is slow to answer)
+    assert origin.most_active <= 32
+
+    # The pipeline deepens while the first answers are awaited, before any has come back.
+    slow = [other_origin.route(f"/s{i}.jpg", IMAGE, latency=1.0) for i in range(96)]
+    body = wait_terminal(client, submit(client, slow, per_row=8), timeout=60)
+    assert body["progress"]["images_done"] == 96
+    assert other_origin.most_active == 64
+
+
+def test_a_shallow_pipeline_never_stalls(make_app: Callable[..., Flask], origin: Origin) -> None:
+    # The scheduler sleeps while the depth admits no more, and is woken only when it does:
+    # a missed wake leaves the images queued with nothing in flight (this stalled a
+    # benchmark once, 362 images in).
+    client = make_app(downloads=32, cpu_slots=2).test_client()
+    images = [make_image(60 + i % 7 * 90, 60 + i % 5 * 70) for i in range(35)]
+    urls = [origin.route(f"/n{i}.jpg", images[i % 35]) for i in range(700)]
+    request_id = submit(client, urls, per_row=7)
+    seen, still_since = -1, time.monotonic()
+    while True:
+        body = client.get(f"/csv/status/{request_id}?limit=1").get_json()
+        done = int(body["progress"]["images_done"])
+        if done != seen:
+            seen, still_since = done, time.monotonic()
+        assert time.monotonic() - still_since < 3.0, f"no progress for 3 s at {done} of 700"
+        if body["status"] in ("completed", "completed_with_errors", "failed"):
+            break
+        time.sleep(0.02)
+    assert body["status"] == "completed" and done == 700
+
+
+def test_the_depth_covers_twice_the_download_time_plus_the_images_waiting() -> None:
+    depth = DownloadDepth(slots=100, codec_threads=2)  # 100 images/s, 4 waiting
+    assert depth.limit(0.0) == 4  # nothing measured, nothing in flight
+    tokens = [depth.started(0.0) for _ in range(4)]
+    assert not depth.admits(0.0)
+    assert depth.admits_in(0.0) == pytest.approx(0.005)  # one more per 5 ms they wait
+    assert depth.limit(0.25) == 4 + 50
+    assert depth.limit(2.0) == 100  # never more than the slots
+    assert DownloadDepth(slots=4, codec_threads=2).admits_in(0.0) == 0.0  # room now
+
+    for token in tokens:  # answers in 10 ms: 2 x 100/s x 10 ms = 2 in flight, and 4 ready
+        depth.ended(token, 0.01, to_codec=True)
+    assert depth.limit(0.01) == 4 + 2
+    assert depth.ready == 4 and depth.in_flight == 0
+    assert depth.admits(0.01)
+    depth.started(0.01)
+    depth.started(0.01)
+    assert not depth.admits(0.01)  # the images waiting for the codec count too
+    depth.taken()
+    assert depth.admits(0.01)
+    for _ in range(95):
+        depth.started(0.01)
+    assert depth.in_flight + depth.ready == 100
+    assert depth.admits_in(5.0) is None  # every slot in use: waiting adds none
+
+
+def test_one_slow_answer_deepens_at_once_and_fast_ones_shallow_slowly() -> None:
+    depth = DownloadDepth(slots=100, codec_threads=2)
+    for _ in range(50):
+        depth.ended(depth.started(0.0), 0.002, to_codec=True)
+    assert depth.limit(0.002) == 4 + 1
+    depth.ended(depth.started(1.0), 2.0, to_codec=True)  # one host turned slow
+    assert depth.limit(2.0) == 100
+    for _ in range(5):
+        depth.ended(depth.started(2.0), 2.002, to_codec=True)
+    assert depth.limit(2.002) > 50  # a few fast ones do not undo it
+    for _ in range(150):
+        depth.ended(depth.started(2.0), 2.002, to_codec=True)
+    assert depth.limit(2.002) < 10
+    depth.ended(depth.started(3.0), 3.001, to_codec=False)  # failures are not measured
+    assert depth.limit(3.001) < 10
+
+
+def test_a_codec_faster_than_the_slots_are_sized_for_deepens_the_pipeline() -> None:
+    depth = DownloadDepth(slots=500, codec_threads=2)
+    for _ in range(50):
+        depth.ended(depth.started(0.0), 0.05, to_codec=True)  # 50 ms answers
+    depth.compressed(0.04)  # photos: 2 threads / 40 ms = 50/s, less than 500/s: 500/s
+    assert depth.limit(0.05) == 4 + 50
+    for _ in range(100):
+        depth.compressed(0.001)  # thumbnails: 2,000/s
+    assert depth.limit(0.05) == 4 + 200
 
 
 def test_the_byte_budget_waits_for_room_but_never_for_ever() -> None:

@@ -11,18 +11,23 @@
 
 Many downloads are in flight (enough to cover a second of origin latency at the rate the
 cores compress), so the cores stay busy however slow the hosts are, while decoding and
-encoding stay bounded to the cores. Bytes downloaded and not yet stored (the encoded output
-stands in for its input until its put is done) are bounded by a memory budget: a download
-reserves its body's size before reading it and waits while the budget is spent, so neither
-a slow codec nor a hung store piles images up in memory. The scheduler hands out download
-slots round robin over the requests in the pipeline, and within a request over its hosts,
-never to a host that already has as many connections as it may, or that asked for a pause
-(429/503 with Retry-After): a slow or paused host holds back only its own images.
+encoding stay bounded to the cores. How many of the download slots are in use follows the
+origins (:class:`DownloadDepth`): every one on slow origins, a few on fast ones, where a
+burst of hundreds of finished downloads would only take the GIL from the codec. Bytes
+downloaded and not yet stored (the encoded output stands in for its input until its put is
+done) are bounded by a memory budget: a download reserves its body's size before reading it
+and waits while the budget is spent, so neither a slow codec nor a hung store piles images
+up in memory. The scheduler hands out download slots round robin over the requests in the
+pipeline, and within a request over its hosts, never to a host that already has as many
+connections as it may, or that asked for a pause (429/503 with Retry-After): a slow or
+paused host holds back only its own images.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import os
 import sys
 import threading
@@ -118,6 +123,104 @@ class ByteBudget:
         return self._closed or not self.used or self.used + size <= self.limit
 
 
+class DownloadDepth:
+    """How many images may be downloading, or downloaded and waiting for a codec thread.
+
+    Enough downloads in flight to cover twice the time a download takes at the rate the
+    codec takes images (Little's law), plus two images per codec thread ready for it; never
+    more than the slots. The rate is what the codec threads manage by the time an image
+    takes them, and at least the rate the slots are sized for (a slot per image a second):
+    on slow origins every slot is in use, as before. On fast ones a few are: were every slot
+    used there, hundreds of downloads would finish in a burst, their threads taking the GIL
+    from the codec threads (which need it to start and end each image) and their bytes
+    piling up in memory.
+
+    The time a download takes is its smoothed time (quickly up, slowly down), or the age of
+    the oldest download in flight when that is longer: the pipeline deepens while the first
+    answers are awaited, and at once when a host turns slow, not one latency later.
+    Not thread-safe: the pipeline calls it holding its lock.
+    """
+
+    RISE = 0.5
+    FALL = 0.05
+    CODEC_WEIGHT = 0.1
+
+    def __init__(self, slots: int, codec_threads: int) -> None:
+        self.slots = slots
+        self.codec_threads = codec_threads
+        self.waiting = 2 * codec_threads
+        self.ready = 0  # downloaded, not yet taken by a codec thread
+        self.fetch_seconds: float | None = None  # smoothed; None until a download is measured
+        self.codec_seconds: float | None = None  # smoothed time of an image in a codec thread
+        self._since: OrderedDict[int, float] = OrderedDict()  # in flight: started, oldest first
+        self._tokens = itertools.count()
+
+    @property
+    def in_flight(self) -> int:
+        """Downloads started and not ended."""
+        return len(self._since)
+
+    def started(self, now: float) -> int:
+        """Count a download in; the token is for :meth:`ended`."""
+        token = next(self._tokens)
+        self._since[token] = now
+        return token
+
+    def ended(self, token: int, now: float, *, to_codec: bool) -> None:
+        """Count a download out; ``to_codec``: its image now waits for a codec thread."""
+        seconds = now - self._since.pop(token)
+        if not to_codec:
+            return
+        self.ready += 1
+        if self.fetch_seconds is None:
+            self.fetch_seconds = seconds
+        else:
+            weight = self.RISE if seconds > self.fetch_seconds else self.FALL
+            self.fetch_seconds += weight * (seconds - self.fetch_seconds)
+
+    def taken(self) -> None:
+        """A codec thread took a downloaded image."""
+        self.ready -= 1
+
+    def compressed(self, seconds: float) -> None:
+        """A codec thread spent ``seconds`` on an image."""
+        if self.codec_seconds is None:
+            self.codec_seconds = seconds
+        else:
+            self.codec_seconds += self.CODEC_WEIGHT * (seconds - self.codec_seconds)
+
+    @property
+    def rate(self) -> float:
+        """Images a second the codec takes, as far as the depth is concerned."""
+        if not self.codec_seconds:
+            return float(self.slots)
+        return max(float(self.slots), self.codec_threads / self.codec_seconds)
+
+    def limit(self, now: float) -> int:
+        """Images that may be downloading or waiting for the codec now."""
+        seconds = max(self.fetch_seconds or 0.0, self._oldest_age(now))
+        return min(self.slots, self.waiting + math.ceil(2 * self.rate * seconds))
+
+    def admits(self, now: float) -> bool:
+        """True when another download may start now."""
+        return self.in_flight + self.ready < self.limit(now)
+
+    def admits_in(self, now: float) -> float | None:
+        """Seconds until another download may start as the oldest one ages, if nothing
+        else changes (0: now; None: never by waiting alone: nothing in flight to age, or
+        the depth is at the slots already)."""
+        if self.admits(now):
+            return 0.0
+        wanted = self.in_flight + self.ready + 1
+        if not self._since or wanted > self.slots:
+            return None
+        needed = (wanted - self.waiting) / (2 * self.rate)
+        return max(0.001, needed - self._oldest_age(now))
+
+    def _oldest_age(self, now: float) -> float:
+        return now - next(iter(self._since.values())) if self._since else 0.0
+
+
 def host_of(url: str) -> str:
     """The origin a URL's connection goes to (what the per-host limit counts)."""
     try:
@@ -150,6 +253,8 @@ class Pipeline:
         self.budget = ByteBudget(settings.buffer_bytes)
         self.per_host = settings.connections_per_host
         self._free = settings.download_slots
+        self._depth = DownloadDepth(settings.download_slots, settings.codec_slots)
+        self._held_by_depth = False  # the scheduler waits because the depth admits no more
         self._downloads = ThreadPoolExecutor(
             settings.download_slots, thread_name_prefix="imgproc-download"
         )
@@ -239,26 +344,31 @@ class Pipeline:
             with self._changed:
                 picked = None
                 while not self._closed:
-                    picked = self._pick()
+                    now = time.monotonic()  # one clock for both: no step of the depth between
+                    picked = self._pick(now)
                     if picked is not None:
                         break
-                    self._changed.wait(self._next_unpause())
+                    self._changed.wait(self._next_wake(now))
                 if picked is None:
                     return
                 key, lane, host, task, deadline = picked
                 self._free -= 1
                 self._busy[host] += 1
+                token = self._depth.started(time.monotonic())
             try:
-                self._downloads.submit(self._download, key, lane, host, task, deadline)
+                self._downloads.submit(self._download, key, lane, host, task, deadline, token)
             except RuntimeError:  # closed meanwhile
                 return
 
-    def _pick(self) -> tuple[Hashable, _Lane, str, ImageTask, float | None] | None:
+    def _pick(self, now: float) -> tuple[Hashable, _Lane, str, ImageTask, float | None] | None:
         """The next task to download: requests in turn, hosts in turn within a request,
         skipping hosts at their limit or paused. Called with the lock held."""
+        self._held_by_depth = False
         if self._free <= 0:
+            return None  # a download's end wakes the scheduler
+        self._held_by_depth = not self._depth.admits(now)
+        if self._held_by_depth:
             return None
-        now = time.monotonic()
         for key, lane in list(self._lanes.items()):
             for host, tasks in list(lane.hosts.items()):
                 if self._busy[host] >= self.per_host or self._paused.get(host, 0.0) > now:
@@ -273,32 +383,64 @@ class Pipeline:
                 return key, lane, host, task, deadline
         return None
 
-    def _next_unpause(self) -> float | None:
-        """Seconds until the first paused host may be asked again (None: none is paused)."""
-        now = time.monotonic()
+    def _next_wake(self, now: float) -> float | None:
+        """Seconds until the scheduler may find work without being told: the first paused
+        host may be asked again, or the depth it waits for grows as the oldest download
+        ages (None: neither)."""
         for host, until in list(self._paused.items()):
             if until <= now:
                 del self._paused[host]
-        if not self._paused:
-            return None
-        return max(0.01, min(self._paused.values()) - now)
+        waits = [max(0.01, min(self._paused.values()) - now)] if self._paused else []
+        deepens = self._depth.admits_in(now) if self._held_by_depth else None
+        if deepens is not None:
+            waits.append(deepens)
+        return min(waits, default=None)
 
-    def _slot_free(self, host: str) -> None:
+    def _slot_free(self, host: str, token: int, to_codec: bool) -> None:
+        """A download ended; ``to_codec``: its image waits for a codec thread from now (in
+        the same breath, so that the scheduler never sees it in neither place)."""
         with self._changed:
+            held = self._free <= 0 or self._busy[host] >= self.per_host
             self._free += 1
             self._busy[host] -= 1
             if not self._busy[host]:
                 del self._busy[host]
+            self._depth.ended(token, time.monotonic(), to_codec=to_codec)
+            if held:
+                self._changed.notify()
+            else:
+                self._depth_changed()
+
+    def _depth_changed(self) -> None:
+        """Wake the scheduler if it waits for the depth and the depth now admits another
+        download. Only then: a wake it sleeps through again costs the codec threads a turn
+        at the GIL, and the depth changes several times an image. Called with the lock held.
+        """
+        if self._held_by_depth and self._depth.admits(time.monotonic()):
+            self._held_by_depth = False
             self._changed.notify()
+
+    def _codec_took_one(self) -> None:
+        """A codec thread took a downloaded image: room for another download."""
+        with self._changed:
+            self._depth.taken()
+            self._depth_changed()
 
     # ---- the stages -----------------------------------------------------------------------
 
     def _download(
-        self, key: Hashable, lane: _Lane, host: str, task: ImageTask, deadline: float | None
+        self,
+        key: Hashable,
+        lane: _Lane,
+        host: str,
+        task: ImageTask,
+        deadline: float | None,
+        token: int,
     ) -> None:
         if deadline is None:  # its first try: a pause a host asks for must fit before this
             deadline = time.monotonic() + self.settings.download_deadline
         metrics.IN_FLIGHT.inc()
+        got: Result | Fetched | None = None
         try:
             got = self.work.download(task, lane.halted, self.budget, deadline)
         except RetryLater as pause:
@@ -306,12 +448,17 @@ class Pipeline:
             metrics.IN_FLIGHT.dec()
             return
         finally:
-            self._slot_free(host)
+            self._slot_free(host, token, to_codec=got is not None and not isinstance(got, Result))
         if isinstance(got, Result):
             self._deliver(lane, got)
             return
-        if not self._submit(self._codec, lane, task, self._compress, lane, task, got):
-            self.budget.release(got.reserved)
+        submitted = False
+        try:
+            submitted = self._submit(self._codec, lane, task, self._compress, lane, task, got)
+        finally:
+            if not submitted:
+                self._codec_took_one()
+                self.budget.release(got.reserved)
 
     def _retry_later(
         self,
@@ -336,8 +483,13 @@ class Pipeline:
 
     def _compress(self, lane: _Lane, task: ImageTask, fetched: Fetched) -> None:
         stored = False
+        self._codec_took_one()
+        started = time.monotonic()
         try:
             got = self.work.compress(task, fetched.data, lane.halted)
+            with self._changed:
+                self._depth.compressed(time.monotonic() - started)
+                self._depth_changed()
             if isinstance(got, Result):
                 self._deliver(lane, got)
                 return

@@ -172,11 +172,10 @@ class DownloadDepth:
         if not to_codec:
             return
         self.ready += 1
-        if self.fetch_seconds is None:
-            self.fetch_seconds = seconds
-        else:
-            weight = self.RISE if seconds > self.fetch_seconds else self.FALL
-            self.fetch_seconds += weight * (seconds - self.fetch_seconds)
+        rising = self.fetch_seconds is not None and seconds > self.fetch_seconds
+        self.fetch_seconds = _smoothed(
+            self.fetch_seconds, seconds, self.RISE if rising else self.FALL
+        )
 
     def taken(self) -> None:
         """A codec thread took a downloaded image."""
@@ -184,10 +183,7 @@ class DownloadDepth:
 
     def compressed(self, seconds: float) -> None:
         """A codec thread spent ``seconds`` on an image."""
-        if self.codec_seconds is None:
-            self.codec_seconds = seconds
-        else:
-            self.codec_seconds += self.CODEC_WEIGHT * (seconds - self.codec_seconds)
+        self.codec_seconds = _smoothed(self.codec_seconds, seconds, self.CODEC_WEIGHT)
 
     @property
     def rate(self) -> float:
@@ -219,6 +215,12 @@ class DownloadDepth:
 
     def _oldest_age(self, now: float) -> float:
         return now - next(iter(self._since.values())) if self._since else 0.0
+
+
+def _smoothed(average: float | None, sample: float, weight: float) -> float:
+    """An exponentially weighted average moved ``weight`` of the way to ``sample`` (the
+    first sample stands for itself)."""
+    return sample if average is None else average + weight * (sample - average)
 
 
 def host_of(url: str) -> str:
@@ -354,7 +356,7 @@ class Pipeline:
                 key, lane, host, task, deadline = picked
                 self._free -= 1
                 self._busy[host] += 1
-                token = self._depth.started(time.monotonic())
+                token = self._depth.started(now)
             try:
                 self._downloads.submit(self._download, key, lane, host, task, deadline, token)
             except RuntimeError:  # closed meanwhile
@@ -448,7 +450,7 @@ class Pipeline:
             metrics.IN_FLIGHT.dec()
             return
         finally:
-            self._slot_free(host, token, to_codec=got is not None and not isinstance(got, Result))
+            self._slot_free(host, token, to_codec=isinstance(got, Fetched))
         if isinstance(got, Result):
             self._deliver(lane, got)
             return

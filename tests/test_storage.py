@@ -197,6 +197,49 @@ def test_older_gridfs_revisions_are_folded_into_one(mongo: Any) -> None:
     assert "filename_unique" in names
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_synced_put_reads_back_and_a_sync_never_loses_a_version(
+    backend: str, make_storage: Callable[[str], Storage]
+) -> None:
+    storage = make_storage(backend)
+    first, second = versions(2)
+    storage.put(KEY, first)
+    storage.sync([KEY])
+    assert read(storage, KEY) == first
+    storage.put(KEY, second)  # a redo over an output an outcome may already call done
+    storage.sync([KEY, KEY])
+    assert read(storage, KEY) == (first if backend == "gridfs" else second)  # gridfs: the first
+
+
+def test_a_new_local_output_is_linked_in_and_a_replacing_one_renamed_over(
+    tmp_path: Path,
+) -> None:
+    """A new file takes its name by a link (nothing to replace, so nothing durable is at
+    risk before the job's sync); a file that replaces one is renamed over it, synced first.
+    Either way no temporary file is left, and the bytes are whole."""
+    storage = LocalStorage(str(tmp_path / "images"))
+    directory = tmp_path / "images" / KEY.split("/")[0]
+    first, second = versions(2)
+    storage.put(KEY, first)
+    new = os.stat(directory / "3-0.jpg")
+    storage.put(KEY, second)
+    replaced = os.stat(directory / "3-0.jpg")
+    assert os.listdir(directory) == ["3-0.jpg"]
+    assert new.st_nlink == replaced.st_nlink == 1
+    assert new.st_ino != replaced.st_ino
+    assert (directory / "3-0.jpg").read_bytes() == second
+
+
+def test_syncing_an_output_that_is_gone_is_unavailable(tmp_path: Path) -> None:
+    """The file removed under the service (a volume swapped, an operator's clean-up): its
+    image must not be recorded done, so the sync says the storage is unavailable."""
+    storage = LocalStorage(str(tmp_path / "images"))
+    storage.put(KEY, b"data")
+    other = KEY.replace("/3-0.", "/4-0.")
+    with pytest.raises(StorageUnavailable, match="could not sync"):
+        storage.sync([KEY, other])
+
+
 def test_local_storage_that_cannot_write_is_unavailable(tmp_path: Path) -> None:
     blocked = tmp_path / "images"
     blocked.write_text("a file where the directory should be")

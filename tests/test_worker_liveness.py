@@ -14,6 +14,15 @@ import pytest
 from flask import Flask
 from pytest_httpserver import HTTPServer
 
+from imgproc.config import load_settings
+from imgproc.documents import ImageOutcome
+from imgproc.fetcher import Fetcher
+from imgproc.models import ImageStatus
+from imgproc.storage import image_key
+from imgproc.storage.local import LocalStorage
+from imgproc.store import Store
+from imgproc.worker.image_task import ImageWork
+from imgproc.worker.plan import Result
 from tests.conftest import (
     csv_bytes,
     get_closed,
@@ -66,6 +75,35 @@ def test_a_storage_outage_leaves_images_unfinished_until_it_is_over(
     assert "imgproc_requests_stalled 0.0" in client.get("/metrics").get_data(as_text=True)
     assert errors_logged(caplog) == []
     assert "left for another pass" in caplog.text
+
+
+def test_an_output_that_cannot_be_made_durable_is_not_recorded_done(
+    settings: dict[str, Any], mongo: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The job syncs a flush's outputs before it writes their outcomes; when that fails
+    (here one output was removed under the service), the images those outcomes finish are
+    left open for another pass, and failures and product checks go through as they are."""
+    config = load_settings(settings)
+    storage = LocalStorage(str(tmp_path / "images"))
+    work = ImageWork(config, Fetcher(config), storage, Store(mongo))
+    request_id = "0f8fad5b-d9cb-469f-a165-70867728950e"
+    kept, removed = (image_key(request_id, row, 0, "jpg") for row in (1, 2))
+    storage.put(kept, b"kept")
+    storage.put(removed, b"removed")
+    (tmp_path / "images" / removed).unlink()
+    results = [
+        Result("p1", 0, ImageOutcome(ImageStatus.DONE, output_key=kept)),
+        Result("p2", 0, ImageOutcome(ImageStatus.DONE, output_key=removed)),
+        Result("p3", 0, ImageOutcome.failed("HTTP 404 from the image host")),
+        Result("p4", None, None),
+    ]
+    with caplog.at_level(logging.WARNING):
+        settled = work.settle(results)
+    assert settled == [Result("p1", 0, None), Result("p2", 0, None), *results[2:]]
+    assert "2 images left for another pass: could not sync outputs" in caplog.text
+
+    storage.put(removed, b"removed")  # the next pass puts it again
+    assert work.settle(results) == results
 
 
 def test_a_graceful_stop_mid_batch_records_what_ran_and_hands_over_cleanly(

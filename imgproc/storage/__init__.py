@@ -5,8 +5,10 @@ The contract (ARCHITECTURE, durability rule 8):
 - ``put(key, data)`` may be repeated, or race with another ``put`` of the same key from
   another thread, process or host, and still leaves exactly one complete, readable version;
   no reader ever sees a partial file or a gap between a delete and a write.
-- Once ``put`` has returned, ``get(key)`` answers with complete bytes for good (the outcome
-  that says ``done`` is written only after that).
+- Once ``put`` has returned, ``get(key)`` answers with complete bytes; once ``sync`` of
+  the key has returned too, it does so for good, a crash of the machine included (the
+  outcome that says ``done`` is written only after that). Backends whose puts are durable
+  when acknowledged (GridFS with its journaled writes, S3) have nothing to sync.
 - Anything that keeps the storage from taking or giving an image right now (down, full,
   refused, a reset connection) is :class:`StorageUnavailable`: transient, never a reason to
   fail the image; the image stays unfinished and is retried.
@@ -17,6 +19,7 @@ Keys are deterministic (request, row, index), so redoing an image stores under t
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import quote
@@ -75,6 +78,9 @@ class Storage(Protocol):
 
     def put(self, key: str, data: bytes) -> None:
         """Store ``data`` under ``key``; StorageUnavailable when that cannot be done now."""
+
+    def sync(self, keys: Iterable[str]) -> None:
+        """Make the puts of ``keys`` durable; StorageUnavailable when that cannot be done."""
 
     def get(self, key: str) -> StoredFile | None:
         """The stored image, or None; StorageUnavailable when it cannot be read now."""

@@ -4,6 +4,7 @@ speaks pymongo); this backend keeps the storage contract on top of them."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol
 
 from imgproc.storage import StorageUnavailable, StoredFile, content_type, valid_key
@@ -35,6 +36,10 @@ class GridFSStorage:
             self.blobs.put_image(key, data)
         except DatabaseError as exc:
             raise StorageUnavailable(f"could not store {key} in GridFS: {exc}") from exc
+
+    def sync(self, keys: Iterable[str]) -> None:
+        """Nothing to do: a put is durable once the database has acknowledged it (its
+        write concern is journaled)."""
 
     def get(self, key: str) -> StoredFile | None:
         """The image for ``key`` if it exists."""

@@ -14,7 +14,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, TypeVar
 
 from imgproc.storage import StorageUnavailable, StoredFile, content_type, valid_key
@@ -108,6 +108,9 @@ class S3Storage:
                 ContentMD5=md5,
             ),
         )
+
+    def sync(self, keys: Iterable[str]) -> None:
+        """Nothing to do: S3 acknowledges a put once the object is stored durably."""
 
     def get(self, key: str) -> StoredFile | None:
         """The image for ``key`` with the object's ETag, or None when there is none."""

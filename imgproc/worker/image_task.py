@@ -150,6 +150,23 @@ class ImageWork:
             return task.ended(outcome)
         return over.result
 
+    def settle(self, results: list[Result]) -> list[Result]:
+        """``results`` with their outputs made durable, so their outcomes may be written;
+        when the storage cannot do that now, the images they finish are left for another
+        pass instead (their outputs are put again then)."""
+        keys = [r.outcome.output_key for r in results if r.outcome and r.outcome.output_key]
+        if not keys:
+            return results
+        try:
+            self.storage.sync(keys)
+        except StorageUnavailable as exc:
+            log.warning("%d images left for another pass: %s", len(keys), exc)
+            return [
+                Result(r.product_id, r.index, None) if r.outcome and r.outcome.output_key else r
+                for r in results
+            ]
+        return results
+
     # ---- helpers --------------------------------------------------------------------------
 
     @contextmanager

@@ -297,6 +297,7 @@ class Job:
     def _flush(self, results: list[Result]) -> int:
         """Write a batch of results; how many outcomes it recorded."""
         store = self.shared.store
+        results = self.shared.pipeline.work.settle(results)  # outputs durable first
 
         def write() -> int:
             plan = plan_flush(self.products, results)

@@ -1,7 +1,9 @@
 """Storage figures: put latency of each backend, and how ``/images/<key>`` should serve S3.
 
-1. Put (and get) latency, p50/p99, of one ~200 KB JPEG, N times under distinct keys, for
-   ``local`` (temporary file, fsync, rename), ``gridfs`` (the embedded database) and ``s3``
+1. Durable put (put, then its sync) and get latency, p50/p99, of one ~200 KB JPEG, N times
+   under distinct keys, for ``local`` (temporary file linked in, fsync of the file and of its
+   directory: a flush that holds one output; a flush of many syncs their directory once),
+   ``gridfs`` (the embedded database) and ``s3``
    (SeaweedFS on loopback, as the tests start it).
 2. ``GET /images/<key>`` of a ~200 KB image through a real gunicorn service with S3 storage:
    streamed by the service (what it does) against a 302 to a presigned URL that the client
@@ -90,6 +92,7 @@ def put_figures(storage: Storage, data: bytes, count: int) -> dict[str, Any]:
     def put() -> None:
         key = next(keys)
         storage.put(key, data)
+        storage.sync([key])
         put_keys.append(key)
 
     puts = timed(put, count)

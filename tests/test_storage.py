@@ -211,12 +211,11 @@ def test_a_synced_put_reads_back_and_a_sync_never_loses_a_version(
     assert read(storage, KEY) == (first if backend == "gridfs" else second)  # gridfs: the first
 
 
-def test_a_new_local_output_is_linked_in_and_a_replacing_one_renamed_over(
+def test_a_local_put_new_or_replacing_leaves_one_whole_file_and_no_temporary_one(
     tmp_path: Path,
 ) -> None:
-    """A new file takes its name by a link (nothing to replace, so nothing durable is at
-    risk before the job's sync); a file that replaces one is renamed over it, synced first.
-    Either way no temporary file is left, and the bytes are whole."""
+    """A new file takes its name by a link, one that replaces a file is renamed over it:
+    either way the key's file is a new one with the whole bytes, under one name only."""
     storage = LocalStorage(str(tmp_path / "images"))
     directory = tmp_path / "images" / KEY.split("/")[0]
     first, second = versions(2)

@@ -77,6 +77,36 @@ def test_a_storage_outage_leaves_images_unfinished_until_it_is_over(
     assert "left for another pass" in caplog.text
 
 
+def test_an_output_gone_before_its_outcome_is_written_is_redone_not_recorded_done(
+    make_app: Callable[..., Flask],
+    image_host: HTTPServer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The job makes a flush's outputs durable just before it writes their outcomes. An
+    output removed under the service in between (a volume swapped, a clean-up) cannot be:
+    its image is left open and redone, never recorded done without its file."""
+    fast = serve(image_host, "/fast.jpg", make_image(320, 200))
+    serve_slowly(image_host, ["/slow.jpg"], 1.5)  # holds the first flush back for ~1 s
+    client = make_app().test_client()
+    csv = csv_bytes([(1, "A", [fast, image_host.url_for("/slow.jpg")])])
+    request_id = upload(client, csv).get_json()["request_id"]
+    output = tmp_path / "data" / "images" / request_id / "0-0.jpg"
+    deadline = time.monotonic() + 20
+    while not output.exists():
+        assert time.monotonic() < deadline, "the fast image was never stored"
+        time.sleep(0.002)
+    output.unlink()
+
+    body = wait_terminal(client, request_id, timeout=60)
+    assert body["status"] == "completed"
+    assert body["progress"]["images_done"] == 2
+    for url in body["products"][0]["output_image_urls"]:
+        assert get_closed(client, url).status_code == 200
+    assert "1 images left for another pass: could not sync outputs" in caplog.text
+    assert errors_logged(caplog) == []
+
+
 def test_an_output_that_cannot_be_made_durable_is_not_recorded_done(
     settings: dict[str, Any], mongo: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import tempfile
 from collections.abc import Iterable
@@ -45,12 +44,13 @@ class LocalStorage:
             try:
                 with os.fdopen(fd, "wb") as handle:
                     handle.write(data)
-                    handle.flush()
-                    if not _link_new(tmp, path):  # a file is there: replace it durably
-                        os.fsync(handle.fileno())
-                        os.replace(tmp, path)
-                        renamed = True
-                        _fsync_directory(directory)
+                # Closed first: a write error that only shows at close (a full quota on a
+                # shared volume) must not leave the key linked to a short file.
+                if not _link_new(tmp, path):  # a file is there: replace it durably
+                    _fsync_file(tmp)
+                    os.replace(tmp, path)
+                    renamed = True
+                    _fsync_directory(directory)
             finally:
                 if not renamed:
                     with contextlib.suppress(OSError):
@@ -67,11 +67,7 @@ class LocalStorage:
                 if not valid_key(key):
                     raise ValueError(f"bad storage key {key!r}")
                 path = os.path.join(self.root, key)
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                _fsync_file(path)
                 directories.add(os.path.dirname(path))
             for directory in directories:
                 _fsync_directory(directory)
@@ -93,13 +89,17 @@ def _link_new(tmp: str, path: str) -> bool:
     has, or when the filesystem has no hard links: the caller then replaces it)."""
     try:
         os.link(tmp, path)
-    except FileExistsError:
-        return False
-    except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
-            raise
-        return False
+    except OSError:  # there already, or no links here (EPERM, ENOSYS from FUSE, ...): a
+        return False  # real fault shows again in the replace
     return True
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_directory(directory: str) -> None:

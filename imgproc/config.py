@@ -23,6 +23,11 @@ def human_bytes(size: int) -> str:
     return f"{size} bytes"
 
 
+# Catalogue images (600-2,000 px JPEGs) a core decodes and re-encodes a second, about: 90
+# to 130 on the 2-core VMs this was measured on. Small images go several times faster.
+CODEC_RATE = 128
+
+
 def cores() -> int:
     """CPUs this process may run on (a container's share, not the host's)."""
     try:
@@ -57,7 +62,7 @@ class Settings:
     s3_prefix: str = ""
     s3_public_url: str | None = None
     start_worker: bool = True
-    downloads: int = 0  # 0: 128 per core (at most 1024)
+    downloads: int = 0  # 0: 256 per core (at most 1024)
     cpu_slots: int = 0  # 0: cores + 2
     download_buffer_bytes: int = 0  # 0: a sixteenth of the memory, at most 96 MiB
     max_connections_per_host: int = 0  # 0: as many as downloads
@@ -100,9 +105,20 @@ class Settings:
 
     @property
     def download_slots(self) -> int:
-        """Downloads in flight per instance: enough to cover a second of origin latency at
-        the rate the cores compress (about a hundred catalogue images a second per core)."""
-        return self.downloads or min(1024, 128 * cores())
+        """Downloads in flight per instance, at most: enough to cover a second of origin
+        latency at twice the rate the cores compress catalogue images (:data:`CODEC_RATE`
+        a core). Once: at 128 a core, a VM whose cores compress 115-128 images a second
+        each had too few downloads in flight at 1 s to keep the codec fed (A/B at 1 s:
+        ratio to the ceiling 0.84 with 256 slots on 2 cores, 0.91 with 384, 0.92 with 512).
+        How many are used follows the origins (see ``DownloadDepth``)."""
+        return self.downloads or min(1024, 2 * CODEC_RATE * cores())
+
+    @property
+    def codec_rate_floor(self) -> int:
+        """Images a second the pipeline sizes its downloads for before it has measured the
+        codec, and at least after: the cores' rate on catalogue images, never more than the
+        slots (so a small ``IMGPROC_DOWNLOADS`` is used whole on slow origins)."""
+        return min(self.download_slots, CODEC_RATE * cores())
 
     @property
     def codec_slots(self) -> int:
@@ -277,7 +293,7 @@ def validate(s: Settings) -> None:
         s.status_cache_products,
     )
     _check(s.cpu_slots >= 0, "cpu_slots", "must be 0 (cores + 2) or more", s.cpu_slots)
-    _check(s.downloads >= 0, "downloads", "must be 0 (128 per core) or more", s.downloads)
+    _check(s.downloads >= 0, "downloads", "must be 0 (256 per core) or more", s.downloads)
     _check(
         s.max_connections_per_host >= 0,
         "max_connections_per_host",

@@ -24,7 +24,7 @@ def test_pipeline_bounds_follow_the_machine_unless_set() -> None:
     the memory budget and the per-host limit have sensible automatic values."""
     cores = config.cores()
     automatic = Settings()
-    assert automatic.download_slots == min(1024, 128 * cores)
+    assert automatic.download_slots == min(1024, 256 * cores)
     assert automatic.codec_slots == cores + 2
     assert automatic.connections_per_host == automatic.download_slots
     assert (
@@ -57,7 +57,7 @@ def test_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
     ("name", "value", "message"),
     [
         ("IMGPROC_DOWNLOADS", "many", "IMGPROC_DOWNLOADS='many' is not valid"),
-        ("IMGPROC_DOWNLOADS", "-1", "IMGPROC_DOWNLOADS=-1 is not valid: must be 0 (128 per core)"),
+        ("IMGPROC_DOWNLOADS", "-1", "IMGPROC_DOWNLOADS=-1 is not valid: must be 0 (256 per core)"),
         ("IMGPROC_MAX_CONNECTIONS_PER_HOST", "-2", "must be 0 (as many as downloads) or more"),
         ("IMGPROC_DOWNLOAD_BUFFER_BYTES", "1000", "at least IMGPROC_MAX_IMAGE_BYTES"),
         ("IMGPROC_DEFAULT_QUALITY", "99", "must be 1-95"),

@@ -221,6 +221,19 @@ def test_a_codec_faster_than_the_slots_are_sized_for_deepens_the_pipeline() -> N
     assert depth.limit(0.05) == 4 + 200
 
 
+def test_slots_beyond_the_cores_rate_are_used_only_as_slow_origins_need_them() -> None:
+    """The default: twice as many slots as a second at the cores' rate needs. At 1 s every
+    slot is in use; at 0.3 s fewer than half (as many as the cores' rate needs)."""
+    depth = DownloadDepth(slots=512, codec_threads=4, min_rate=256)
+    for _ in range(20):
+        depth.ended(depth.started(0.0), 0.3, to_codec=True)
+    depth.compressed(0.016)  # 4 threads / 16 ms: 250 images/s, under the floor
+    assert depth.limit(0.3) == 8 + 154  # 2 x 256/s x 0.3 s = 153.6, rounded up
+    for _ in range(20):
+        depth.ended(depth.started(0.0), 1.0, to_codec=True)  # the host slows to 1 s
+    assert depth.limit(1.0) == 512
+
+
 def test_the_byte_budget_waits_for_room_but_never_for_ever() -> None:
     budget = ByteBudget(1000)
     budget.reserve(600)

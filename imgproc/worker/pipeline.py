@@ -129,8 +129,9 @@ class DownloadDepth:
     Enough downloads in flight to cover twice the time a download takes at the rate the
     codec takes images (Little's law), plus two images per codec thread ready for it; never
     more than the slots. The rate is what the codec threads manage by the time an image
-    takes them, and at least the rate the slots are sized for (a slot per image a second):
-    on slow origins every slot is in use, as before. On fast ones a few are: were every slot
+    takes them, and at least ``min_rate`` (the cores' rate on catalogue images; by default
+    a slot per image a second): at a second of latency every slot is in use, at 0.3 s about
+    half of them. On fast origins a few are: were every slot
     used there, hundreds of downloads would finish in a burst, their threads taking the GIL
     from the codec threads (which need it to start and end each image) and their bytes
     piling up in memory.
@@ -145,9 +146,10 @@ class DownloadDepth:
     FALL = 0.05
     CODEC_WEIGHT = 0.1
 
-    def __init__(self, slots: int, codec_threads: int) -> None:
+    def __init__(self, slots: int, codec_threads: int, min_rate: float | None = None) -> None:
         self.slots = slots
         self.codec_threads = codec_threads
+        self.min_rate = float(slots if min_rate is None else min_rate)
         self.waiting = 2 * codec_threads
         self.ready = 0  # downloaded, not yet taken by a codec thread
         self.fetch_seconds: float | None = None  # smoothed; None until a download is measured
@@ -189,8 +191,8 @@ class DownloadDepth:
     def rate(self) -> float:
         """Images a second the codec takes, as far as the depth is concerned."""
         if not self.codec_seconds:
-            return float(self.slots)
-        return max(float(self.slots), self.codec_threads / self.codec_seconds)
+            return self.min_rate
+        return max(self.min_rate, self.codec_threads / self.codec_seconds)
 
     def limit(self, now: float) -> int:
         """Images that may be downloading or waiting for the codec now."""
@@ -255,7 +257,9 @@ class Pipeline:
         self.budget = ByteBudget(settings.buffer_bytes)
         self.per_host = settings.connections_per_host
         self._free = settings.download_slots
-        self._depth = DownloadDepth(settings.download_slots, settings.codec_slots)
+        self._depth = DownloadDepth(
+            settings.download_slots, settings.codec_slots, settings.codec_rate_floor
+        )
         self._held_by_depth = False  # the scheduler waits because the depth admits no more
         self._downloads = ThreadPoolExecutor(
             settings.download_slots, thread_name_prefix="imgproc-download"

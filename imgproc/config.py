@@ -107,10 +107,10 @@ class Settings:
     def download_slots(self) -> int:
         """Downloads in flight per instance, at most: enough to cover a second of origin
         latency at twice the rate the cores compress catalogue images (:data:`CODEC_RATE`
-        a core). Once: at 128 a core, a VM whose cores compress 115-128 images a second
-        each had too few downloads in flight at 1 s to keep the codec fed (A/B at 1 s:
-        ratio to the ceiling 0.84 with 256 slots on 2 cores, 0.91 with 384, 0.92 with 512).
-        How many are used follows the origins (see ``DownloadDepth``)."""
+        a core). With 128 a core, a VM whose cores compress 115-128 images a second each
+        had too few downloads in flight at 1 s to keep the codec fed (A/B at 1 s: ratio to
+        the ceiling 0.84 with 256 slots on 2 cores, 0.91 with 384, 0.92 with 512). How many
+        are used follows the origins (see ``DownloadDepth``)."""
         return self.downloads or min(1024, 2 * CODEC_RATE * cores())
 
     @property

@@ -131,7 +131,7 @@ class DownloadDepth:
     more than the slots. The rate is what the codec threads manage by the time an image
     takes them, and at least ``min_rate`` (the cores' rate on catalogue images; by default
     a slot per image a second): at a second of latency every slot is in use, at 0.3 s about
-    half of them. On fast origins a few are: were every slot
+    a third of them. On fast origins a few are: were every slot
     used there, hundreds of downloads would finish in a burst, their threads taking the GIL
     from the codec threads (which need it to start and end each image) and their bytes
     piling up in memory.

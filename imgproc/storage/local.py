@@ -33,9 +33,7 @@ class LocalStorage:
         """Write atomically: a reader sees no file, the old one or the new one, never a
         part. Two puts of one key race harmlessly: the first links its complete file in,
         the other renames its complete, synced file over it."""
-        if not valid_key(key):
-            raise ValueError(f"bad storage key {key!r}")
-        path = os.path.join(self.root, key)
+        path = self._path(key)
         directory = os.path.dirname(path)
         try:
             os.makedirs(directory, exist_ok=True)
@@ -47,10 +45,10 @@ class LocalStorage:
                 # Closed first: a write error that only shows at close (a full quota on a
                 # shared volume) must not leave the key linked to a short file.
                 if not _link_new(tmp, path):  # a file is there: replace it durably
-                    _fsync_file(tmp)
+                    _fsync(tmp)
                     os.replace(tmp, path)
                     renamed = True
-                    _fsync_directory(directory)
+                    _fsync(directory, os.O_DIRECTORY)
             finally:
                 if not renamed:
                     with contextlib.suppress(OSError):
@@ -64,15 +62,19 @@ class LocalStorage:
         directories: set[str] = set()
         try:
             for key in keys:
-                if not valid_key(key):
-                    raise ValueError(f"bad storage key {key!r}")
-                path = os.path.join(self.root, key)
-                _fsync_file(path)
+                path = self._path(key)
+                _fsync(path)
                 directories.add(os.path.dirname(path))
             for directory in directories:
-                _fsync_directory(directory)
+                _fsync(directory, os.O_DIRECTORY)
         except OSError as exc:  # the file gone, the disk failing: the image is redone
             raise StorageUnavailable(f"could not sync outputs: {exc}") from exc
+
+    def _path(self, key: str) -> str:
+        """The file of ``key`` (ValueError for a key :func:`image_key` cannot produce)."""
+        if not valid_key(key):
+            raise ValueError(f"bad storage key {key!r}")
+        return os.path.join(self.root, key)
 
     def get(self, key: str) -> StoredFile | None:
         """The file for ``key`` if it exists."""
@@ -94,17 +96,9 @@ def _link_new(tmp: str, path: str) -> bool:
     return True
 
 
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_directory(directory: str) -> None:
-    """Make a rename in ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+def _fsync(path: str, flags: int = 0) -> None:
+    """Make a file's bytes, or (with ``os.O_DIRECTORY``) the names in a directory, durable."""
+    fd = os.open(path, os.O_RDONLY | flags)
     try:
         os.fsync(fd)
     finally:

@@ -168,14 +168,14 @@ def test_a_shallow_pipeline_never_stalls(make_app: Callable[..., Flask], origin:
 
 
 def test_the_depth_covers_twice_the_download_time_plus_the_images_waiting() -> None:
-    depth = DownloadDepth(slots=100, codec_threads=2)  # 100 images/s, 4 waiting
+    depth = DownloadDepth(slots=100, codec_threads=2, min_rate=100)  # 100 images/s, 4 waiting
     assert depth.limit(0.0) == 4  # nothing measured, nothing in flight
     tokens = [depth.started(0.0) for _ in range(4)]
     assert not depth.admits(0.0)
     assert depth.admits_in(0.0) == pytest.approx(0.005)  # one more per 5 ms they wait
     assert depth.limit(0.25) == 4 + 50
     assert depth.limit(2.0) == 100  # never more than the slots
-    assert DownloadDepth(slots=4, codec_threads=2).admits_in(0.0) == 0.0  # room now
+    assert DownloadDepth(slots=4, codec_threads=2, min_rate=4).admits_in(0.0) == 0.0  # room now
 
     for token in tokens:  # answers in 10 ms: 2 x 100/s x 10 ms = 2 in flight, and 4 ready
         depth.ended(token, 0.01, to_codec=True)
@@ -194,7 +194,7 @@ def test_the_depth_covers_twice_the_download_time_plus_the_images_waiting() -> N
 
 
 def test_one_slow_answer_deepens_at_once_and_fast_ones_shallow_slowly() -> None:
-    depth = DownloadDepth(slots=100, codec_threads=2)
+    depth = DownloadDepth(slots=100, codec_threads=2, min_rate=100)
     for _ in range(50):
         depth.ended(depth.started(0.0), 0.002, to_codec=True)
     assert depth.limit(0.002) == 4 + 1
@@ -211,7 +211,7 @@ def test_one_slow_answer_deepens_at_once_and_fast_ones_shallow_slowly() -> None:
 
 
 def test_a_codec_faster_than_the_slots_are_sized_for_deepens_the_pipeline() -> None:
-    depth = DownloadDepth(slots=500, codec_threads=2)
+    depth = DownloadDepth(slots=500, codec_threads=2, min_rate=500)
     for _ in range(50):
         depth.ended(depth.started(0.0), 0.05, to_codec=True)  # 50 ms answers
     depth.compressed(0.04)  # photos: 2 threads / 40 ms = 50/s, less than 500/s: 500/s

@@ -129,9 +129,9 @@ class DownloadDepth:
     Enough downloads in flight to cover twice the time a download takes at the rate the
     codec takes images (Little's law), plus two images per codec thread ready for it; never
     more than the slots. The rate is what the codec threads manage by the time an image
-    takes them, and at least ``min_rate`` (the cores' rate on catalogue images; by default
-    a slot per image a second): at a second of latency every slot is in use, at 0.3 s about
-    a third of them. On fast origins a few are: were every slot
+    takes them, and at least ``min_rate`` (the cores' rate on catalogue images, or the slots
+    when fewer): at a second of latency every slot is in use, at 0.3 s about a third of
+    them. On fast origins a few are: were every slot
     used there, hundreds of downloads would finish in a burst, their threads taking the GIL
     from the codec threads (which need it to start and end each image) and their bytes
     piling up in memory.
@@ -146,10 +146,10 @@ class DownloadDepth:
     FALL = 0.05
     CODEC_WEIGHT = 0.1
 
-    def __init__(self, slots: int, codec_threads: int, min_rate: float | None = None) -> None:
+    def __init__(self, slots: int, codec_threads: int, min_rate: float) -> None:
         self.slots = slots
         self.codec_threads = codec_threads
-        self.min_rate = float(slots if min_rate is None else min_rate)
+        self.min_rate = min_rate
         self.waiting = 2 * codec_threads
         self.ready = 0  # downloaded, not yet taken by a codec thread
         self.fetch_seconds: float | None = None  # smoothed; None until a download is measured

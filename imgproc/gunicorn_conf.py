@@ -154,8 +154,9 @@ def post_worker_init(worker: Any) -> None:
     does, it leaves HTTP to the other processes."""
     services = _services(worker)
     if services is not None:
-        services.election.may_lead = lambda: bool(worker.alive)
-        services.election.on_lead = lambda: _leave_http_to_the_others(worker)
+        services.election.allow(
+            lambda: bool(worker.alive), lambda: _leave_http_to_the_others(worker)
+        )
 
 
 def _leave_http_to_the_others(worker: Any) -> None:

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ import pytest
 import requests
 from pytest_httpserver import HTTPServer
 
+from imgproc.worker import election
+from imgproc.worker.election import Election
 from tests.conftest import csv_bytes, make_image, serve, serve_slowly
 from tests.processes import (
     Service,
@@ -214,3 +217,47 @@ def test_a_killed_masters_files_are_removed_by_the_next_master(
         for service in started:
             service.stop()
         shutil.rmtree(parent, ignore_errors=True)
+
+
+def test_a_process_that_is_up_tries_for_the_lock_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A fresh instance answers uploads from the moment its processes are up; the first lock
+    # try used to wait for the next retry, leaving the first request unclaimed for up to
+    # half a second. With a minute between retries, only an immediate try starts in time.
+    monkeypatch.setattr(election, "RETRY_SECONDS", 60.0)
+    directory = tempfile.mkdtemp(prefix="g", dir="/tmp")  # short: the wake-up socket's path
+    started = threading.Event()
+    chosen = Election(directory, started.set, lambda: None)
+    try:
+        chosen.begin()  # campaigning, not yet allowed: the process is not up
+        assert not started.wait(0.3)
+        chosen.allow(lambda: True, None)
+        assert started.wait(10), "the lock was not tried when the process came up"
+        assert chosen.leader
+    finally:
+        chosen.end()
+        chosen.resign()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_a_stopping_process_that_never_came_up_stops_campaigning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(election, "RETRY_SECONDS", 60.0)
+    directory = tempfile.mkdtemp(prefix="g", dir="/tmp")
+    started = threading.Event()
+    stopping = Election(directory, started.set, lambda: None)
+    try:
+        stopping.begin()
+        stopping.end()  # told to stop before it was up: no worker, and the lock left free
+        other = Election(directory, lambda: None, lambda: None)
+        other.allow(lambda: True, None)
+        other.begin()
+        deadline = time.monotonic() + 10
+        while not other.leader:
+            assert time.monotonic() < deadline, "the lock was kept by a process that stopped"
+            time.sleep(0.01)
+        other.end()
+        other.resign()
+        assert not started.is_set() and not stopping.leader
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

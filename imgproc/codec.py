@@ -11,6 +11,7 @@ import functools
 import io
 import os
 import struct
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -144,16 +145,56 @@ def _save(image: Image.Image, fmt: str, **options: Any) -> bytes:
     (``encode_to_file``); into a BytesIO it encodes holding the GIL, so a thread pool
     encodes one image at a time whatever the cores. An anonymous memory file gives it a
     descriptor without touching a disk; the bytes are the same.
+
+    Each thread keeps one such file, unbuffered, for all the images it encodes. Every
+    system call gives the GIL away, and with downloads waiting for it the thread then
+    waits to get it back: a file made, wrapped, read and closed per image took 17 calls
+    around the encoder; reused, it takes 6.
     """
     with _image_errors("cannot encode the image"):
-        if not hasattr(os, "memfd_create"):  # not Linux
+        scratch = _scratch_file()
+        if scratch is None:  # not Linux
             out = io.BytesIO()
             image.save(out, fmt, **options)
             return out.getvalue()
-        with os.fdopen(os.memfd_create("imgproc-encode", os.MFD_CLOEXEC), "w+b") as handle:
-            image.save(handle, fmt, **options)
-            handle.seek(0)
-            return handle.read()
+        scratch.seek(0)
+        scratch.truncate(0)  # the last image's bytes, freed
+        image.save(scratch, fmt, **options)
+        return _read_all(scratch.fileno(), scratch.tell())
+
+
+class _ScratchFile:
+    """An anonymous memory file, closed when its thread ends (with the thread's locals)."""
+
+    def __init__(self) -> None:
+        self.file = io.FileIO(os.memfd_create("imgproc-encode", os.MFD_CLOEXEC), "w+b")
+
+    def __del__(self) -> None:
+        self.file.close()
+
+
+_scratch = threading.local()
+
+
+def _scratch_file() -> io.FileIO | None:
+    """This thread's anonymous memory file for encoding into (None where there is none)."""
+    if not hasattr(os, "memfd_create"):
+        return None
+    found: _ScratchFile | None = getattr(_scratch, "file", None)
+    if found is None:
+        found = _scratch.file = _ScratchFile()
+    return found.file
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    """The first ``size`` bytes of the file ``fd``, in one call where the system allows."""
+    data = os.pread(fd, size, 0)
+    while len(data) < size:  # a short read (only for outputs beyond what one call moves)
+        more = os.pread(fd, size - len(data), len(data))
+        if not more:
+            raise OSError(f"encoded output shrank to {len(data)} of {size} bytes")
+        data += more
+    return data
 
 
 @functools.cache

@@ -5,6 +5,7 @@ formats) plus the quality floor against a plain Pillow save on a real photograph
 from __future__ import annotations
 
 import io
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -342,6 +343,20 @@ def test_default_is_no_larger_and_no_worse_than_plain_pillow(photo: str) -> None
         return float(structural_similarity(reference, decoded, channel_axis=2))
 
     assert ssim(ours.data) >= ssim(plain) - 1e-9
+
+
+def test_an_output_has_only_its_own_bytes_after_a_bigger_one_from_the_same_thread() -> None:
+    """A thread encodes into one memory file for all its images: a small output after a
+    big one must not carry the big one's tail."""
+    big = make_image(1600, 1200)
+    small = make_image(40, 30, fmt="PNG")  # re-encoded as a JPEG, never kept as it is
+    alone = encode(small).data
+    with ThreadPoolExecutor(1) as thread:
+        outputs = list(thread.map(encode, [big, small, big]))
+    assert not outputs[1].kept_original and outputs[1].format == "JPEG"
+    assert outputs[1].data == alone
+    assert Image.open(io.BytesIO(outputs[1].data)).size == (40, 30)
+    assert outputs[0].data == outputs[2].data
 
 
 def test_jpeg_optimize_setting_is_smaller_with_the_same_pixels() -> None:

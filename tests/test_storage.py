@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -237,6 +238,22 @@ def test_syncing_an_output_that_is_gone_is_unavailable(tmp_path: Path) -> None:
     other = KEY.replace("/3-0.", "/4-0.")
     with pytest.raises(StorageUnavailable, match="could not sync"):
         storage.sync([KEY, other])
+
+
+def test_a_local_output_directory_removed_under_the_service_is_made_again(
+    tmp_path: Path,
+) -> None:
+    """Puts skip making a request's directory once it exists; one removed since (an
+    operator's clean-up) is made again, not an error that fails the image."""
+    storage = LocalStorage(str(tmp_path / "images"))
+    directory = tmp_path / "images" / KEY.split("/")[0]
+    storage.put(KEY, b"first")
+    shutil.rmtree(directory)
+    other = KEY.replace("/3-0.", "/4-0.")
+    storage.put(other, b"second")
+    storage.sync([other])
+    assert os.listdir(directory) == ["4-0.jpg"]
+    assert (directory / "4-0.jpg").read_bytes() == b"second"
 
 
 def test_local_storage_that_cannot_write_is_unavailable(tmp_path: Path) -> None:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import random
 from collections.abc import Iterable
 
 from imgproc.storage import StorageUnavailable, StoredFile, content_type, valid_key
+
+TEMPORARY_TRIES = 3
+DIRECTORIES_REMEMBERED = 4096  # about one per request; forgotten all at once past this
 
 
 class LocalStorage:
@@ -28,22 +31,29 @@ class LocalStorage:
 
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
+        self._made: set[str] = set()  # directories known to exist (a request's, mostly)
 
     def put(self, key: str, data: bytes) -> None:
         """Write atomically: a reader sees no file, the old one or the new one, never a
         part. Two puts of one key race harmlessly: the first links its complete file in,
-        the other renames its complete, synced file over it."""
+        the other renames its complete, synced file over it.
+
+        Plain system calls, as few as that takes (open, write, close, link, unlink): each
+        gives the GIL away, and a storage thread waits to get it back behind the downloads
+        and the codec (``tempfile`` and a file object added six calls to every put).
+        """
         path = self._path(key)
         directory = os.path.dirname(path)
         try:
-            os.makedirs(directory, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+            tmp, fd = self._create_temporary(directory)
             renamed = False
             try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(data)
-                # Closed first: a write error that only shows at close (a full quota on a
-                # shared volume) must not leave the key linked to a short file.
+                try:
+                    _write_all(fd, data)
+                finally:
+                    # Closed first: a write error that only shows at close (a full quota on
+                    # a shared volume) must not leave the key linked to a short file.
+                    os.close(fd)
                 if not _link_new(tmp, path):  # a file is there: replace it durably
                     _fsync(tmp)
                     os.replace(tmp, path)
@@ -55,6 +65,26 @@ class LocalStorage:
                         os.unlink(tmp)
         except OSError as exc:  # full disk, lost volume, permissions: not the image's fault
             raise StorageUnavailable(f"could not write {key}: {exc}") from exc
+
+    def _create_temporary(self, directory: str) -> tuple[str, int]:
+        """A new private file in ``directory`` (made if need be): its path and descriptor."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        for attempt in range(TEMPORARY_TRIES):
+            if directory not in self._made:
+                os.makedirs(directory, exist_ok=True)
+                if len(self._made) >= DIRECTORIES_REMEMBERED:
+                    self._made.clear()
+                self._made.add(directory)
+            tmp = os.path.join(directory, f".tmp-{random.getrandbits(64):016x}")
+            try:
+                return tmp, os.open(tmp, flags, 0o600)
+            except (FileNotFoundError, FileExistsError):
+                if attempt == TEMPORARY_TRIES - 1:
+                    raise
+                # The directory went away since (made again), or the name was taken by
+                # another process's leftover (another name).
+                self._made.discard(directory)
+        raise AssertionError("unreachable")
 
     def sync(self, keys: Iterable[str]) -> None:
         """Make the files of ``keys`` durable: each file, then each directory once (a
@@ -84,6 +114,14 @@ class LocalStorage:
         if not os.path.isfile(path):
             return None
         return StoredFile(content_type(key), path=path)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd`` (a file takes it in one call but for a rare short
+    write, which goes on from where it stopped)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _link_new(tmp: str, path: str) -> bool:

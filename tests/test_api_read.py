@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import csv
 import io
+import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
+import pymongo.database
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from pytest_httpserver import HTTPServer
 
+from imgproc import services as services_module
+from imgproc.documents import product_id
 from tests.conftest import csv_bytes, get_closed, make_image, serve, upload, wait_terminal
 from tests.test_api_upload import assert_error
 
@@ -238,3 +243,76 @@ def test_recent_requests_newest_first_in_pages(idle_client: FlaskClient) -> None
 def test_recent_requests_bad_query(idle_client: FlaskClient, query: str) -> None:
     error = assert_error(idle_client.get(f"/csv/requests?{query}"), 400, "invalid_field")
     assert error["details"][0]["field"] in ("limit", "before")
+
+
+def test_a_status_page_shows_each_image_as_it_finishes_while_the_batch_runs(
+    idle_client: FlaskClient,
+    mongo: pymongo.database.Database[dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While a request is processed its page is rendered again as outcomes are written,
+    and a render reads again only the products that may have changed: those whose images
+    had not finished are asked for only once one of them has. Whichever way a product
+    changes (its first image, its last, a failure), the page shows it."""
+    monkeypatch.setattr(services_module, "RENDER_EVERY_SECONDS", 0.0)
+    rows = [(n, f"SKU{n}", [f"https://a.example/{n}-{i}.jpg" for i in range(2)]) for n in (1, 2, 3)]
+    request_id = upload(idle_client, csv_bytes(rows)).get_json()["request_id"]
+    ids = [product_id(request_id, row) for row in range(3)]
+    # A worker's doing, written to the database as it writes them: the request claimed,
+    # its products expanded from the upload and handed to the pipeline, then outcomes one
+    # at a time.
+    store = idle_client.application.extensions["imgproc"].store
+    store.insert_products(store.upload_part(request_id, 0)["products"])
+    mongo.processing_requests.update_one(
+        {"_id": request_id},
+        {
+            "$set": {"status": "processing", "parts": 0, "fed_rows": 3, "touched_rows": 3},
+            "$inc": {"version": 1},
+        },
+    )
+
+    def write(product: str, sets: dict[str, Any]) -> None:
+        mongo.products.update_one({"_id": product}, {"$set": sets})
+        mongo.processing_requests.update_one({"_id": request_id}, {"$inc": {"version": 1}})
+
+    def shown() -> list[tuple[str, list[str]]]:
+        body = idle_client.get(f"/csv/status/{request_id}").get_json()
+        return [(p["status"], [i["status"] for i in p["images"]]) for p in body["products"]]
+
+    def eventually(expected: list[tuple[str, list[str]]]) -> None:
+        deadline = time.monotonic() + 10
+        while (seen := shown()) != expected:  # a poll may get the render before this one
+            assert time.monotonic() < deadline, f"the page shows {seen}, not {expected}"
+            time.sleep(0.02)
+
+    working = ("processing", ["processing", "processing"])
+    eventually([working, working, working])
+    done = {"status": "done", "output_key": f"{request_id}/1-0.jpg", "output_bytes": 10}
+    write(ids[1], {f"images.0.{k}": v for k, v in done.items()})
+    eventually([working, ("processing", ["done", "processing"]), working])
+    write(ids[2], {"images.1.status": "failed", "images.1.error": "HTTP 404"})
+    eventually(
+        [working, ("processing", ["done", "processing"]), ("processing", ["processing", "failed"])]
+    )
+    write(
+        ids[1],
+        {
+            "images.1.status": "done",
+            "images.1.output_key": f"{request_id}/1-1.jpg",
+            "status": "processed",
+        },
+    )
+    write(ids[0], {"images.0.status": "done", "images.0.output_key": f"{request_id}/0-0.jpg"})
+    eventually(
+        [
+            ("processing", ["done", "processing"]),
+            ("processed", ["done", "done"]),
+            ("processing", ["processing", "failed"]),
+        ]
+    )
+    body = idle_client.get(f"/csv/status/{request_id}").get_json()
+    assert body["products"][1]["output_image_urls"] == [
+        f"http://localhost/images/{request_id}/1-0.jpg",
+        f"http://localhost/images/{request_id}/1-1.jpg",
+    ]
+    assert body["products"][2]["images"][1]["error"] == "HTTP 404"

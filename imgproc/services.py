@@ -64,6 +64,16 @@ RENDER_EVERY_SECONDS = 1.0
 _ENDED = [status.value for status in TERMINAL_IMAGE]
 
 
+def _lasting(product: Doc, untouched_from: int) -> bool:
+    """Whether a product as read may be shown again without reading it again (finished,
+    untouched since the upload) or read again only if an image has finished (none has)."""
+    return (
+        product["status"] in FINISHED_PRODUCT
+        or product["row"] >= untouched_from
+        or not any(image["status"] in TERMINAL_IMAGE for image in product["images"])
+    )
+
+
 def _json(value: Any) -> bytes:
     """Compact UTF-8 JSON."""
     return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
@@ -349,7 +359,7 @@ class Services:
         for pid, product in known.items():
             if product["status"] in FINISHED_PRODUCT or product["row"] >= untouched_from:
                 kept[pid] = product
-            elif not any(image["status"] in TERMINAL_IMAGE for image in product["images"]):
+            else:  # remembered with no image finished
                 unstarted.append(pid)
         started: list[Doc] = []
         if unstarted:
@@ -367,7 +377,7 @@ class Services:
                 found = {p["_id"] for p in fetched}
                 fetched += self.store.products_by_ids([p for p in missing if p not in found])
         fetched += started
-        self._remember(fetched)
+        self._remember([p for p in fetched if _lasting(p, untouched_from)])
         products = list(kept.values()) + fetched
         products.sort(key=lambda product: product["_id"])
         return products

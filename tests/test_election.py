@@ -11,6 +11,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -239,25 +240,50 @@ def test_a_process_that_is_up_tries_for_the_lock_at_once(monkeypatch: pytest.Mon
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def test_a_stopping_process_that_never_came_up_stops_campaigning(
+def campaign_of(begin: Callable[[], None], monkeypatch: pytest.MonkeyPatch) -> threading.Thread:
+    """The election thread that ``begin`` starts."""
+    threads: list[threading.Thread] = []
+    start = threading.Thread.start
+
+    def recorded(thread: threading.Thread) -> None:
+        threads.append(thread)
+        start(thread)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(threading.Thread, "start", recorded)
+        begin()
+    (thread,) = threads
+    return thread
+
+
+def test_a_process_told_to_stop_stops_campaigning_at_once_and_leaves_the_lock(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(election, "RETRY_SECONDS", 60.0)
     directory = tempfile.mkdtemp(prefix="g", dir="/tmp")
     started = threading.Event()
+    never_up = Election(directory, started.set, lambda: None)
     stopping = Election(directory, started.set, lambda: None)
+    other = Election(directory, lambda: None, lambda: None)
     try:
-        stopping.begin()
-        stopping.end()  # told to stop before it was up: no worker, and the lock left free
-        other = Election(directory, lambda: None, lambda: None)
+        campaign = campaign_of(never_up.begin, monkeypatch)
+        assert not started.wait(0.3)  # campaigning: waiting for the process to be up
+        never_up.end()  # told to stop before it was up: it stops now, not in a minute
+        campaign.join(5)
+        assert not campaign.is_alive()
+        stopping.allow(lambda: False, None)  # up, but already told to stop
+        campaign = campaign_of(stopping.begin, monkeypatch)
+        campaign.join(5)
+        assert not campaign.is_alive()
         other.allow(lambda: True, None)
         other.begin()
         deadline = time.monotonic() + 10
         while not other.leader:
             assert time.monotonic() < deadline, "the lock was kept by a process that stopped"
             time.sleep(0.01)
-        other.end()
-        other.resign()
-        assert not started.is_set() and not stopping.leader
+        assert not started.is_set() and not never_up.leader and not stopping.leader
     finally:
+        for one in (never_up, stopping, other):
+            one.end()
+            one.resign()
         shutil.rmtree(directory, ignore_errors=True)

@@ -75,8 +75,9 @@ class Election:
         retry. Uploads are taken from the moment the process answers HTTP; a first lock
         try half a second later left the first request of a fresh instance unclaimed for
         that long (a 400-image batch at 0 s latency ran 15% slower for it)."""
-        self.may_lead = may_lead
-        self.on_lead = on_lead
+        with self._lock:  # both at once: the campaign reads them under the lock
+            self.on_lead = on_lead
+            self.may_lead = may_lead
         self._nudge.set()
 
     def _campaign(self) -> None:

@@ -64,13 +64,17 @@ RENDER_EVERY_SECONDS = 1.0
 _ENDED = [status.value for status in TERMINAL_IMAGE]
 
 
+def _unchanged(product: Doc, untouched_from: int) -> bool:
+    """Whether a product as read is still as it is now: finished (it never changes again)
+    or untouched since the upload (at or above the request's ``touched_rows``)."""
+    return product["status"] in FINISHED_PRODUCT or product["row"] >= untouched_from
+
+
 def _lasting(product: Doc, untouched_from: int) -> bool:
-    """Whether a product as read may be shown again without reading it again (finished,
-    untouched since the upload) or read again only if an image has finished (none has)."""
-    return (
-        product["status"] in FINISHED_PRODUCT
-        or product["row"] >= untouched_from
-        or not any(image["status"] in TERMINAL_IMAGE for image in product["images"])
+    """Whether a product as read is worth keeping for status pages: unchanged, or with no
+    image finished (then read again only once one has)."""
+    return _unchanged(product, untouched_from) or not any(
+        image["status"] in TERMINAL_IMAGE for image in product["images"]
     )
 
 
@@ -357,7 +361,7 @@ class Services:
         changed: set[str] = set()
         unstarted: list[str] = []  # known with no image finished: read again if one has
         for pid, product in known.items():
-            if product["status"] in FINISHED_PRODUCT or product["row"] >= untouched_from:
+            if _unchanged(product, untouched_from):
                 kept[pid] = product
             else:  # remembered with no image finished
                 unstarted.append(pid)

@@ -5,6 +5,8 @@ formats) plus the quality floor against a plain Pillow save on a real photograph
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -290,6 +292,47 @@ def test_input_formats(fmt: str) -> None:
     out = encode(data)
     assert out.input_format == fmt
     assert (out.width, out.height) == (320, 200)
+
+
+FIRST_IMAGES = """
+import pathlib, sys
+from imgproc import codec
+from imgproc.models import OutputFormat
+inputs = [path.read_bytes() for path in sorted(pathlib.Path(sys.argv[2]).iterdir())]
+if sys.argv[1] == "warm":
+    codec.warm_up()
+before = set(sys.modules)
+for data in inputs:
+    for output_format in OutputFormat:
+        codec.compress(data, quality=50, output_format=output_format, max_pixels=10**6)
+print(" ".join(sorted(set(sys.modules) - before)))
+"""
+
+
+def test_a_warmed_up_process_loads_nothing_at_its_first_images(tmp_path: Path) -> None:
+    """What the worker does before its first claim: the first images of a fresh process
+    then import nothing (an import holds the GIL, and every thread of the process waited).
+    The cold run shows the check sees the loading it is about."""
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+    still = pattern(64, 48)
+    for fmt in ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF", "HEIF"):
+        (tmp_path / fmt).write_bytes(save(still.convert("RGB"), fmt))
+    (tmp_path / "PNG-alpha").write_bytes(save(still.convert("RGBA"), "PNG"))
+
+    def loaded(mode: str) -> set[str]:
+        ran = subprocess.run(
+            [sys.executable, "-c", FIRST_IMAGES, mode, str(tmp_path)],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent.parent,
+        )
+        return set(ran.stdout.split())
+
+    assert "pillow_heif" in loaded("cold")
+    assert loaded("warm") == set()
 
 
 def test_format_outside_the_whitelist() -> None:

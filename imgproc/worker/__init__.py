@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 
+from imgproc import codec
 from imgproc.config import Settings
 from imgproc.fetcher import Fetcher
 from imgproc.storage import Storage
@@ -63,6 +64,7 @@ class Worker:
         """Start the pipeline and the dispatcher thread (idempotent)."""
         if self._dispatcher is not None:
             return
+        codec.warm_up()  # before the first claim: see there
         self._pipeline = Pipeline(
             self.settings, ImageWork(self.settings, self.fetcher, self.storage, self.store)
         )

@@ -59,8 +59,15 @@ log = logging.getLogger(__name__)
 STORING_GRACE = timedelta(seconds=30)
 STATUS_PAGES_CACHED = 64  # rendered status pages kept per process (by request, offset, limit)
 # While a request is processed, a page's products are rendered again at most this often
-# (its head, with status and progress, is fresh on every poll).
+# (its head, with status and progress, is fresh on every poll)...
 RENDER_EVERY_SECONDS = 1.0
+# ...and renders take at most this share of the time: one that took 0.25 s (a 1,000-product
+# page while the database is busy with the batch) is followed by the next 2.5 s later, not
+# 1 s. A render's time is mostly the database's, reading the products that may have
+# changed, and that is time the batch waits for: re-rendered every second, a 1,000-product
+# page polled while 2,000 images ran at 1 s of origin latency cost 0.7 ms of CPU an image
+# more than with 2.5 s between renders (`make bench`), about 5% of the throughput.
+RENDER_SHARE = 0.1
 _ENDED = [status.value for status in TERMINAL_IMAGE]
 
 
@@ -141,7 +148,8 @@ class Services:
         self._cache_lock = threading.Lock()
         self._pages: OrderedDict[tuple[str, int, int], tuple[int, bytes]] = OrderedDict()
         self._rendering: set[tuple[str, int, int]] = set()  # pages being rendered now
-        self._rendered_at: dict[tuple[str, int, int], float] = {}
+        # When each page was last rendered, and how long that took.
+        self._rendered_at: dict[tuple[str, int, int], tuple[float, float]] = {}
         self._renderer = ThreadPoolExecutor(1, thread_name_prefix="imgproc-status")
 
     def ensure_ready(self) -> None:
@@ -273,8 +281,10 @@ class Services:
         The head (status, progress, webhook) is always the request document's of this very
         call. The products are rendered once per change of the request; while it is being
         processed, a poll gets the latest rendered list at once and a render of the newer
-        state starts in the background (at most once a second), so no poll waits for one
-        (but the first) and the list is at most about a second behind. Once the
+        state starts in the background (at most once a second, less often when a render
+        is slow: see RENDER_SHARE), so no poll waits for one (but the first) and the list
+        is about a second behind, a few seconds for a large page while the instance is
+        busy. Once the
         request is terminal its products are rendered in line: a finished request never
         comes with a list from before it finished.
         """
@@ -300,7 +310,8 @@ class Services:
                 if cached[0] == version:
                     return cached[1]  # nothing it shows has changed since it was rendered
                 if not wait:
-                    due = self._rendered_at.get(key, 0.0) + RENDER_EVERY_SECONDS
+                    rendered_at, took = self._rendered_at.get(key, (0.0, 0.0))
+                    due = rendered_at + max(RENDER_EVERY_SECONDS, took / RENDER_SHARE)
                     if key not in self._rendering and time.monotonic() >= due:
                         self._rendering.add(key)
                         self._renderer.submit(self._render, request, root, key, version)
@@ -309,6 +320,7 @@ class Services:
 
     def _render(self, request: Doc, root: str, key: tuple[str, int, int], version: int) -> bytes:
         """Render a page's products for ``version`` of the request and keep the bytes."""
+        started = time.monotonic()
         try:
             _request_id, offset, limit = key
             stop = min(offset + limit, int(request.get("products_total", 0)))
@@ -319,7 +331,8 @@ class Services:
                 if cached is None or cached[0] < version:
                     self._pages[key] = (version, body)
                     self._pages.move_to_end(key)
-                    self._rendered_at[key] = time.monotonic()
+                    now = time.monotonic()
+                    self._rendered_at[key] = (now, now - started)
                 while len(self._pages) > STATUS_PAGES_CACHED:
                     old, _ = self._pages.popitem(last=False)
                     self._rendered_at.pop(old, None)

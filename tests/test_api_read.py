@@ -316,3 +316,47 @@ def test_a_status_page_shows_each_image_as_it_finishes_while_the_batch_runs(
         f"http://localhost/images/{request_id}/1-1.jpg",
     ]
     assert body["products"][2]["images"][1]["error"] == "HTTP 404"
+
+
+def test_a_page_whose_render_is_slow_is_rendered_less_often_while_its_head_stays_fresh(
+    idle_client: FlaskClient,
+    mongo: pymongo.database.Database[dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Renders take a bounded share of the time: after a render that took long against
+    that share, polls get its list (and the head of the moment) until the time is up,
+    then the newer state."""
+    monkeypatch.setattr(services_module, "RENDER_EVERY_SECONDS", 0.0)
+    monkeypatch.setattr(services_module, "RENDER_SHARE", 1e-9)  # every render is slow
+    rows = [(n, f"SKU{n}", [f"https://a.example/{n}.jpg"]) for n in (1, 2)]
+    request_id = upload(idle_client, csv_bytes(rows)).get_json()["request_id"]
+    store = idle_client.application.extensions["imgproc"].store
+    store.insert_products(store.upload_part(request_id, 0)["products"])
+    mongo.processing_requests.update_one(
+        {"_id": request_id},
+        {
+            "$set": {"status": "processing", "parts": 0, "fed_rows": 2, "touched_rows": 2},
+            "$inc": {"version": 1},
+        },
+    )
+
+    def shown() -> tuple[int, list[str]]:
+        body = idle_client.get(f"/csv/status/{request_id}").get_json()
+        return body["progress"]["images_done"], [p["images"][0]["status"] for p in body["products"]]
+
+    assert shown() == (0, ["processing", "processing"])
+    mongo.products.update_one(
+        {"_id": product_id(request_id, 0)},
+        {"$set": {"images.0.status": "done", "images.0.output_key": f"{request_id}/0-0.jpg"}},
+    )
+    mongo.processing_requests.update_one(
+        {"_id": request_id}, {"$inc": {"version": 1, "images_done": 1}}
+    )
+    for _ in range(20):
+        assert shown() == (1, ["processing", "processing"])
+        time.sleep(0.01)
+    monkeypatch.setattr(services_module, "RENDER_SHARE", 0.1)  # the time is up
+    deadline = time.monotonic() + 10
+    while (seen := shown()) != (1, ["done", "processing"]):
+        assert time.monotonic() < deadline, f"the page shows {seen}"
+        time.sleep(0.02)

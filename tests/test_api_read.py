@@ -245,6 +245,25 @@ def test_recent_requests_bad_query(idle_client: FlaskClient, query: str) -> None
     assert error["details"][0]["field"] in ("limit", "before")
 
 
+def claimed_and_fed(
+    client: FlaskClient, mongo: pymongo.database.Database[dict[str, Any]], rows: list[Any]
+) -> str:
+    """Upload ``rows``, then do in the database what a worker does first: claim the
+    request, expand its products from the upload and hand them all to the pipeline."""
+    request_id: str = upload(client, csv_bytes(rows)).get_json()["request_id"]
+    store = client.application.extensions["imgproc"].store
+    store.insert_products(store.upload_part(request_id, 0)["products"])
+    fed = len(rows)
+    mongo.processing_requests.update_one(
+        {"_id": request_id},
+        {
+            "$set": {"status": "processing", "parts": 0, "fed_rows": fed, "touched_rows": fed},
+            "$inc": {"version": 1},
+        },
+    )
+    return request_id
+
+
 def test_a_status_page_shows_each_image_as_it_finishes_while_the_batch_runs(
     idle_client: FlaskClient,
     mongo: pymongo.database.Database[dict[str, Any]],
@@ -256,20 +275,9 @@ def test_a_status_page_shows_each_image_as_it_finishes_while_the_batch_runs(
     changes (its first image, its last, a failure), the page shows it."""
     monkeypatch.setattr(services_module, "RENDER_EVERY_SECONDS", 0.0)
     rows = [(n, f"SKU{n}", [f"https://a.example/{n}-{i}.jpg" for i in range(2)]) for n in (1, 2, 3)]
-    request_id = upload(idle_client, csv_bytes(rows)).get_json()["request_id"]
+    request_id = claimed_and_fed(idle_client, mongo, rows)
     ids = [product_id(request_id, row) for row in range(3)]
-    # A worker's doing, written to the database as it writes them: the request claimed,
-    # its products expanded from the upload and handed to the pipeline, then outcomes one
-    # at a time.
-    store = idle_client.application.extensions["imgproc"].store
-    store.insert_products(store.upload_part(request_id, 0)["products"])
-    mongo.processing_requests.update_one(
-        {"_id": request_id},
-        {
-            "$set": {"status": "processing", "parts": 0, "fed_rows": 3, "touched_rows": 3},
-            "$inc": {"version": 1},
-        },
-    )
+    # Then outcomes one at a time, as a worker writes them.
 
     def write(product: str, sets: dict[str, Any]) -> None:
         mongo.products.update_one({"_id": product}, {"$set": sets})
@@ -329,16 +337,7 @@ def test_a_page_whose_render_is_slow_is_rendered_less_often_while_its_head_stays
     monkeypatch.setattr(services_module, "RENDER_EVERY_SECONDS", 0.0)
     monkeypatch.setattr(services_module, "RENDER_SHARE", 1e-9)  # every render is slow
     rows = [(n, f"SKU{n}", [f"https://a.example/{n}.jpg"]) for n in (1, 2)]
-    request_id = upload(idle_client, csv_bytes(rows)).get_json()["request_id"]
-    store = idle_client.application.extensions["imgproc"].store
-    store.insert_products(store.upload_part(request_id, 0)["products"])
-    mongo.processing_requests.update_one(
-        {"_id": request_id},
-        {
-            "$set": {"status": "processing", "parts": 0, "fed_rows": 2, "touched_rows": 2},
-            "$inc": {"version": 1},
-        },
-    )
+    request_id = claimed_and_fed(idle_client, mongo, rows)
 
     def shown() -> tuple[int, list[str]]:
         body = idle_client.get(f"/csv/status/{request_id}").get_json()

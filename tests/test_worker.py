@@ -8,12 +8,14 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from PIL import Image
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
+from imgproc import codec
 from imgproc.documents import new_product, upload_part_id, upload_parts
 from imgproc.models import ProductRow
 from tests.conftest import (
@@ -145,6 +147,22 @@ def test_5xx_gives_up_after_three_attempts(client: FlaskClient, image_host: HTTP
     body = wait_terminal(client, submit(client, [(1, "A", [image_host.url_for("/down.jpg")])]))
     assert body["products"][0]["images"][0]["error"] == "HTTP 503"
     assert len([r for r, _ in image_host.log if r.path == "/down.jpg"]) == 3
+
+
+def test_a_worker_whose_plugins_fail_to_load_ahead_still_compresses(
+    make_app: Callable[..., Flask], image_host: HTTPServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading the image plugins before the first claim is a head start, not a condition:
+    when it fails the worker starts anyway and the images are loaded as they come."""
+
+    def broken() -> None:
+        raise OSError("no such plugin")
+
+    monkeypatch.setattr(codec, "warm_up", broken)
+    client = make_app().test_client()
+    url = serve(image_host, "/plain.jpg", make_image(300, 200))
+    body = wait_terminal(client, submit(client, [(1, "A", [url])]))
+    assert body["status"] == "completed"
 
 
 def test_slow_host_times_out(make_app: Callable[..., Flask], image_host: HTTPServer) -> None:

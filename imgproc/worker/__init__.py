@@ -64,7 +64,10 @@ class Worker:
         """Start the pipeline and the dispatcher thread (idempotent)."""
         if self._dispatcher is not None:
             return
-        codec.warm_up()  # before the first claim: see there
+        try:
+            codec.warm_up()  # before the first claim: see there
+        except Exception:  # an image that needs what failed to load fails on its own
+            log.exception("could not load the image plugins ahead of the first image")
         self._pipeline = Pipeline(
             self.settings, ImageWork(self.settings, self.fetcher, self.storage, self.store)
         )

@@ -94,8 +94,8 @@ def warm_up() -> None:
     """Load now what a process's first image would: the HEIF plugin, Pillow's format
     plugins, each output format's encoder. The worker calls it before it claims anything.
     Loading is mostly imports, done holding the GIL: at a first image it held up every
-    thread of the process (the downloads and the job's reads too) for 0.1-0.5 s, up to
-    1.5 s from a cold page cache, ~15% of a 400-image batch on a fresh instance."""
+    thread of the process (the downloads and the job's reads too) for 0.07-0.47 s in traced
+    `make bench` batches; from a cold page cache the loading alone takes 0.5 s."""
     _register_plugins()
     Image.init()
     sample = io.BytesIO()

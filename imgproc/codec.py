@@ -95,9 +95,9 @@ def warm_up() -> None:
     plugins, each output format's encoder. The worker calls it before it claims anything.
     Loading is mostly imports, done holding the GIL: at a first image it held up every
     thread of the process (the downloads and the job's reads too) for 0.07-0.47 s in traced
-    `make bench` batches; from a cold page cache the loading alone takes 0.5 s."""
-    _register_plugins()
-    Image.init()
+    `make bench` batches; from a cold page cache the loading alone takes 0.5 s. An image
+    through :func:`compress` to each output format loads all of it: the plugins at its
+    open (``formats`` names plugins Pillow loads only in full), the encoders at its save."""
     sample = io.BytesIO()
     Image.new("RGBA", (8, 8), (200, 40, 40, 128)).save(sample, "PNG")
     for output_format in OutputFormat:

@@ -341,6 +341,16 @@ class Chaos:
             client.close()
         server = self.live()[0].url
         per_request = scale.products * scale.images_per_product
+        if self.run.storage == "local":  # the outputs and nothing else: no put's leftovers
+            images = self.workdir / "data" / "images"
+            assert sorted(os.listdir(images)) == sorted(ids)
+            names = {
+                f"{row}-{index}.jpg"
+                for row in range(scale.products)
+                for index in range(scale.images_per_product)
+            }
+            for request_id in ids:
+                assert set(os.listdir(images / request_id)) == names, request_id
         for request_id in ids:
             body = self._status(request_id)
             assert body is not None

@@ -9,7 +9,11 @@ import hashlib
 import logging
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -228,6 +232,83 @@ def test_a_local_put_new_or_replacing_leaves_one_whole_file_and_no_temporary_one
     assert new.st_nlink == replaced.st_nlink == 1
     assert new.st_ino != replaced.st_ino
     assert (directory / "3-0.jpg").read_bytes() == second
+
+
+PUTTING_FOREVER = """
+import sys
+from imgproc.storage.local import LocalStorage
+
+storage = LocalStorage(sys.argv[1])
+data = bytes(64 << 20)  # a put long enough to be killed in the middle of
+for n in range(10**6):
+    storage.put(sys.argv[2].replace("/3-0.", f"/{n % 3}-0."), data)
+"""
+
+
+def killed_while_putting(root: Path, directory: Path) -> None:
+    """Run a process that puts outputs without end and SIGKILL it the moment a put's
+    temporary file is there; again until one outlives its process (up to 20 kills)."""
+    for _kill in range(20):
+        process = subprocess.Popen(
+            [sys.executable, "-c", PUTTING_FOREVER, str(root), KEY],
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while not (directory.is_dir() and any(directory.glob(".tmp-*"))):
+                assert process.poll() is None, "the putting process ended"
+                assert time.monotonic() < deadline, "no put started"
+                time.sleep(0.0005)
+            process.send_signal(signal.SIGKILL)
+        finally:
+            process.kill()
+            process.wait()
+        if any(directory.glob(".tmp-*")):
+            return
+    raise AssertionError("20 kills and no put was cut short")
+
+
+def test_a_put_cut_short_by_a_kill_leaves_a_temporary_file_that_the_sweep_removes(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL in the middle of a local put leaves its temporary file (never a part under a
+    key's name); once the request is finished the job sweeps its directory, and what is left
+    is the outputs, whole."""
+    root = tmp_path / "images"
+    directory = root / KEY.split("/")[0]
+    killed_while_putting(root, directory)
+    leftovers = len(list(directory.glob(".tmp-*")))
+    outputs = sorted(p.name for p in directory.iterdir() if not p.name.startswith(".tmp-"))
+    assert set(outputs) <= {"0-0.jpg", "1-0.jpg", "2-0.jpg"}
+    storage = LocalStorage(str(root))
+    storage.put(KEY, b"after the kill")
+    assert storage.sweep(KEY.split("/")[0]) == leftovers
+    assert sorted(os.listdir(directory)) == sorted([*outputs, "3-0.jpg"])
+    for name in outputs:  # each one whole: the killed process wrote 64 MiB of zeros
+        assert (directory / name).read_bytes() == bytes(64 << 20)
+    assert read(storage, KEY) == b"after the kill"
+
+
+def test_sweeping_a_request_with_nothing_stored_or_a_bad_id(tmp_path: Path) -> None:
+    storage = LocalStorage(str(tmp_path / "images"))
+    assert storage.sweep(KEY.split("/")[0]) == 0  # no directory: nothing to do
+    assert not (tmp_path / "images").exists()
+    with pytest.raises(ValueError, match="bad request id"):
+        storage.sweep("../..")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_sweep_leaves_every_stored_output(
+    backend: str, make_storage: Callable[[str], Storage]
+) -> None:
+    storage = make_storage(backend)
+    first, second = versions(2, 1000)
+    other = KEY.replace("/3-0.", "/4-0.")
+    storage.put(KEY, first)
+    storage.put(other, second)
+    storage.sync([KEY, other])
+    assert storage.sweep(KEY.split("/")[0]) == 0
+    assert (read(storage, KEY), read(storage, other)) == (first, second)
 
 
 def test_syncing_an_output_that_is_gone_is_unavailable(tmp_path: Path) -> None:

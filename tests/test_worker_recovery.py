@@ -4,6 +4,7 @@ nothing lost and nothing that was done redone."""
 from __future__ import annotations
 
 import io
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,10 @@ def test_sigkill_mid_batch_then_restart(
     }
     assert 6 <= len(done_before) < 24
     assert mongo.processing_requests.find_one({"_id": request_id})["status"] == "processing"
+    # What a kill in the middle of a put leaves (tests/test_storage.py kills one so): its
+    # temporary file, beside the outputs.
+    outputs = tmp_path / "data" / "images" / request_id
+    (outputs / ".tmp-00c0ffee00c0ffee").write_bytes(b"\xff\xd8 cut short")
 
     second = start_gunicorn(env, tmp_path / "second.log")
     try:
@@ -86,6 +91,10 @@ def test_sigkill_mid_batch_then_restart(
         output = requests.get(f"{second.url}/csv/output/{request_id}", timeout=5)
         assert output.status_code == 200
         assert len(output.text.strip().splitlines()) == 9
+        # The data directory holds the outputs and nothing else.
+        expected = {f"{row}-{index}.jpg" for row in range(8) for index in range(3)}
+        assert set(os.listdir(outputs)) == expected
+        assert "removed 1 temporary files of puts cut short" in second.log.read_text()
     finally:
         second.stop()
 

@@ -38,9 +38,11 @@ __all__ = [
     "open_storage",
     "public_base",
     "valid_key",
+    "valid_request_id",
 ]
 
-_KEY = re.compile(r"^[0-9a-f-]{36}/\d{1,7}-\d{1,3}\.(jpg|webp|png)$")
+_REQUEST_ID = r"[0-9a-f-]{36}"
+_KEY = re.compile(rf"^{_REQUEST_ID}/\d{{1,7}}-\d{{1,3}}\.(jpg|webp|png)$")
 CONTENT_TYPES = {"jpg": "image/jpeg", "webp": "image/webp", "png": "image/png"}
 
 
@@ -56,6 +58,11 @@ def image_key(request_id: str, row: int, index: int, extension: str) -> str:
 def valid_key(key: str) -> bool:
     """True for a key :func:`image_key` can produce (no traversal, no other names)."""
     return bool(_KEY.match(key))
+
+
+def valid_request_id(request_id: str) -> bool:
+    """True for a request id a key can start with (the name of a request's directory)."""
+    return bool(re.fullmatch(_REQUEST_ID, request_id))
 
 
 def content_type(key: str) -> str:
@@ -84,6 +91,12 @@ class Storage(Protocol):
 
     def get(self, key: str) -> StoredFile | None:
         """The stored image, or None; StorageUnavailable when it cannot be read now."""
+
+    def sweep(self, request_id: str) -> int:
+        """Remove what interrupted puts of the request left behind; how many of them. Called
+        once every image of it has its outcome, so a put of it still running then belongs to
+        a process that lost the request (it fails, harmlessly); StorageUnavailable when it
+        cannot be done."""
 
 
 def public_base(settings: Settings) -> str | None:

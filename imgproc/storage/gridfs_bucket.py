@@ -41,6 +41,12 @@ class GridFSStorage:
         """Nothing to do: a put is durable once the database has acknowledged it (its
         write concern is journaled)."""
 
+    def sweep(self, request_id: str) -> int:
+        """Nothing is done: the chunks of a put interrupted by a crash stay. No reader finds
+        them (they belong to no files document), but nothing names their request either:
+        their ``files_id`` is a fresh ObjectId, and so are a running put's."""
+        return 0
+
     def get(self, key: str) -> StoredFile | None:
         """The image for ``key`` if it exists."""
         if not valid_key(key):

@@ -7,8 +7,15 @@ import os
 import random
 from collections.abc import Iterable
 
-from imgproc.storage import StorageUnavailable, StoredFile, content_type, valid_key
+from imgproc.storage import (
+    StorageUnavailable,
+    StoredFile,
+    content_type,
+    valid_key,
+    valid_request_id,
+)
 
+TEMPORARY_PREFIX = ".tmp-"  # a put's file until it has its key's name
 TEMPORARY_TRIES = 3
 DIRECTORIES_REMEMBERED = 4096  # about one per request; forgotten all at once past this
 
@@ -75,7 +82,7 @@ class LocalStorage:
                 if len(self._made) >= DIRECTORIES_REMEMBERED:
                     self._made.clear()
                 self._made.add(directory)
-            tmp = os.path.join(directory, f".tmp-{random.getrandbits(64):016x}")
+            tmp = os.path.join(directory, f"{TEMPORARY_PREFIX}{random.getrandbits(64):016x}")
             try:
                 return tmp, os.open(tmp, flags, 0o600)
             except (FileNotFoundError, FileExistsError):
@@ -99,6 +106,24 @@ class LocalStorage:
                 _fsync(directory, os.O_DIRECTORY)
         except OSError as exc:  # the file gone, the disk failing: the image is redone
             raise StorageUnavailable(f"could not sync outputs: {exc}") from exc
+
+    def sweep(self, request_id: str) -> int:
+        """Remove the temporary files of the request's puts that a killed process left in
+        its directory (one per put in flight at the kill); how many."""
+        if not valid_request_id(request_id):
+            raise ValueError(f"bad request id {request_id!r}")
+        directory = os.path.join(self.root, request_id)
+        try:
+            with os.scandir(directory) as entries:
+                leftovers = [e.path for e in entries if e.name.startswith(TEMPORARY_PREFIX)]
+            for path in leftovers:
+                with contextlib.suppress(FileNotFoundError):  # a racing put's own clean-up
+                    os.unlink(path)
+        except FileNotFoundError:
+            return 0  # nothing was stored for the request
+        except OSError as exc:
+            raise StorageUnavailable(f"could not clear {directory}: {exc}") from exc
+        return len(leftovers)
 
     def _path(self, key: str) -> str:
         """The file of ``key`` (ValueError for a key :func:`image_key` cannot produce)."""

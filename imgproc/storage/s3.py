@@ -112,6 +112,11 @@ class S3Storage:
     def sync(self, keys: Iterable[str]) -> None:
         """Nothing to do: S3 acknowledges a put once the object is stored durably."""
 
+    def sweep(self, request_id: str) -> int:
+        """Nothing to do: a put is one PUT of the whole object (never a multipart upload),
+        and an interrupted one leaves nothing in the bucket."""
+        return 0
+
     def get(self, key: str) -> StoredFile | None:
         """The image for ``key`` with the object's ETag, or None when there is none."""
         if not valid_key(key):

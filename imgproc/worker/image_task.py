@@ -167,6 +167,18 @@ class ImageWork:
             ]
         return results
 
+    def sweep(self, request_id: str) -> None:
+        """Clear what puts of a request, every image of which has its outcome, left in the
+        storage when a crash cut them short; when it cannot be done now, they stay (nothing
+        reads them)."""
+        try:
+            removed = self.storage.sweep(request_id)
+        except StorageUnavailable as exc:
+            log.warning("leftovers of interrupted puts were not cleared: %s", exc)
+            return
+        if removed:
+            log.info("removed %d temporary files of puts cut short by a crash", removed)
+
     # ---- helpers --------------------------------------------------------------------------
 
     @contextmanager

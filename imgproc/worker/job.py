@@ -121,6 +121,7 @@ class Job:
                 return
             counts = self._retrying(partial(store.count_outcomes, self.id, self.total))
             if not counts.open_images:
+                self.shared.pipeline.work.sweep(self.id)
                 self._finish(counts)
                 return
             reopened = store.reopen_products(list(counts.misfinished))

@@ -341,16 +341,6 @@ class Chaos:
             client.close()
         server = self.live()[0].url
         per_request = scale.products * scale.images_per_product
-        if self.run.storage == "local":  # the outputs and nothing else: no put's leftovers
-            images = self.workdir / "data" / "images"
-            assert sorted(os.listdir(images)) == sorted(ids)
-            names = {
-                f"{row}-{index}.jpg"
-                for row in range(scale.products)
-                for index in range(scale.images_per_product)
-            }
-            for request_id in ids:
-                assert set(os.listdir(images / request_id)) == names, request_id
         for request_id in ids:
             body = self._status(request_id)
             assert body is not None
@@ -375,6 +365,16 @@ class Chaos:
             assert output.status_code == 200
             lines = output.text.strip().splitlines()
             assert len(lines) == scale.products + 1
+        if self.run.storage == "local":  # the outputs and nothing else: no put's leftovers
+            images = self.workdir / "data" / "images"
+            assert sorted(os.listdir(images)) == sorted(ids)
+            names = {
+                f"{row}-{index}.jpg"
+                for row in range(scale.products)
+                for index in range(scale.images_per_product)
+            }
+            for request_id in ids:
+                assert set(os.listdir(images / request_id)) == names, request_id
         self._check_webhooks()
         self._check_logs()
         self.run.image_fetches = sum(self.fetches.values())

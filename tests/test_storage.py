@@ -293,9 +293,23 @@ def test_sweeping_a_request_with_nothing_stored_or_a_bad_id(tmp_path: Path) -> N
     storage = LocalStorage(str(tmp_path / "images"))
     assert storage.sweep(KEY.split("/")[0]) == 0  # no directory: nothing to do
     assert not (tmp_path / "images").exists()
+    (tmp_path / "images").mkdir()
     (tmp_path / ".tmp-0123456789abcdef").write_bytes(b"not the service's")
     assert storage.sweep("..") == 0  # no key starts so: nothing outside a request's own
     assert (tmp_path / ".tmp-0123456789abcdef").exists()
+
+
+def test_a_leftover_that_cannot_be_removed_keeps_no_other_and_is_unavailable(
+    tmp_path: Path,
+) -> None:
+    storage = LocalStorage(str(tmp_path / "images"))
+    storage.put(KEY, b"output")
+    directory = tmp_path / "images" / KEY.split("/")[0]
+    (directory / ".tmp-00000000000000aa").mkdir()  # not a file: unlink refuses it
+    (directory / ".tmp-00000000000000bb").write_bytes(b"cut short")
+    with pytest.raises(StorageUnavailable, match="could not clear"):
+        storage.sweep(KEY.split("/")[0])
+    assert sorted(os.listdir(directory)) == [".tmp-00000000000000aa", "3-0.jpg"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -94,9 +94,10 @@ class Storage(Protocol):
 
     def sweep(self, request_id: str) -> int:
         """Remove what interrupted puts of the request left behind; how many of them. Called
-        once every image of it has its outcome, so a put of it still running then belongs to
-        a process that lost the request (it fails, harmlessly); StorageUnavailable when it
-        cannot be done."""
+        once every image of it has its outcome: a put of it still running then is for a job
+        that can no longer record it (a lost lease, an earlier job of the request), so one
+        whose leftover is removed under it fails with nothing lost. StorageUnavailable when
+        it cannot be done."""
 
 
 def public_base(settings: Settings) -> str | None:

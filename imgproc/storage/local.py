@@ -116,13 +116,20 @@ class LocalStorage:
         try:
             with os.scandir(directory) as entries:
                 leftovers = [e.path for e in entries if e.name.startswith(TEMPORARY_PREFIX)]
-            for path in leftovers:
-                with contextlib.suppress(FileNotFoundError):  # a racing put's own clean-up
-                    os.unlink(path)
         except FileNotFoundError:
             return 0  # nothing was stored for the request
         except OSError as exc:
-            raise StorageUnavailable(f"could not clear {directory}: {exc}") from exc
+            raise StorageUnavailable(f"could not read {directory}: {exc}") from exc
+        refused: OSError | None = None
+        for path in leftovers:  # each one tried, whatever happens to another
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass  # a racing put's own clean-up
+            except OSError as exc:
+                refused = exc
+        if refused is not None:
+            raise StorageUnavailable(f"could not clear {directory}: {refused}") from refused
         return len(leftovers)
 
     def _path(self, key: str) -> str:

@@ -120,17 +120,19 @@ class LocalStorage:
             return 0  # nothing was stored for the request
         except OSError as exc:
             raise StorageUnavailable(f"could not read {directory}: {exc}") from exc
+        removed = 0
         refused: OSError | None = None
         for path in leftovers:  # each one tried, whatever happens to another
             try:
                 os.unlink(path)
+                removed += 1
             except FileNotFoundError:
                 pass  # a racing put's own clean-up
             except OSError as exc:
                 refused = exc
         if refused is not None:
             raise StorageUnavailable(f"could not clear {directory}: {refused}") from refused
-        return len(leftovers)
+        return removed
 
     def _path(self, key: str) -> str:
         """The file of ``key`` (ValueError for a key :func:`image_key` cannot produce)."""

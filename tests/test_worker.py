@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from werkzeug import Request, Response
 from imgproc import codec
 from imgproc.documents import new_product, upload_part_id, upload_parts
 from imgproc.models import ProductRow
+from imgproc.worker import job
 from tests.conftest import (
     csv_bytes,
     get_closed,
@@ -163,6 +165,39 @@ def test_a_worker_whose_plugins_fail_to_load_ahead_still_compresses(
     url = serve(image_host, "/plain.jpg", make_image(300, 200))
     body = wait_terminal(client, submit(client, [(1, "A", [url])]))
     assert body["status"] == "completed"
+
+
+def test_the_finished_images_are_written_while_the_last_one_is_still_coming(
+    client: FlaskClient, image_host: HTTPServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Near its end a request's finished images are written once as many wait as are still
+    coming, not after the flush interval, so the last write (which the finish waits for)
+    stays small. With the interval out of reach, three images of four show done while the
+    fourth is held at its origin."""
+    monkeypatch.setattr(job, "FLUSH_SECONDS", 3600.0)
+    release = threading.Event()
+
+    def held(request: Request) -> Response:
+        release.wait(10)
+        return Response(make_image(300, 200), content_type="image/jpeg")
+
+    image_host.expect_request("/held.jpg").respond_with_handler(held)
+    fast = [serve(image_host, f"/f{i}.jpg", make_image(320 + i, 200)) for i in range(3)]
+    rows = [(1, "A", fast[:2]), (2, "B", [fast[2], image_host.url_for("/held.jpg")])]
+    try:
+        request_id = submit(client, rows)
+        deadline = time.monotonic() + 8
+        while True:
+            body = client.get(f"/csv/status/{request_id}").get_json()
+            if body["progress"]["images_done"] == 3 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert body["status"] == "processing"
+        assert (body["progress"]["images_done"], body["progress"]["products_done"]) == (3, 1)
+    finally:
+        release.set()
+    body = wait_terminal(client, request_id)
+    assert body["status"] == "completed" and body["progress"]["images_done"] == 4
 
 
 def test_slow_host_times_out(make_app: Callable[..., Flask], image_host: HTTPServer) -> None:

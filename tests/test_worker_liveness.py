@@ -87,9 +87,12 @@ def test_an_output_gone_before_its_outcome_is_written_is_redone_not_recorded_don
     output removed under the service in between (a volume swapped, a clean-up) cannot be:
     its image is left open and redone, never recorded done without its file."""
     fast = serve(image_host, "/fast.jpg", make_image(320, 200))
-    serve_slowly(image_host, ["/slow.jpg"], 1.5)  # holds the first flush back for ~1 s
+    # Two slow images hold the first flush back for its interval (~1 s): fewer images wait
+    # than are still coming.
+    serve_slowly(image_host, ["/slow.jpg", "/slow2.jpg"], 1.5)
     client = make_app().test_client()
-    csv = csv_bytes([(1, "A", [fast, image_host.url_for("/slow.jpg")])])
+    slow = [image_host.url_for("/slow.jpg"), image_host.url_for("/slow2.jpg")]
+    csv = csv_bytes([(1, "A", [fast, *slow])])
     request_id = upload(client, csv).get_json()["request_id"]
     output = tmp_path / "data" / "images" / request_id / "0-0.jpg"
     deadline = time.monotonic() + 20
@@ -100,7 +103,7 @@ def test_an_output_gone_before_its_outcome_is_written_is_redone_not_recorded_don
 
     body = wait_terminal(client, request_id, timeout=60)
     assert body["status"] == "completed"
-    assert body["progress"]["images_done"] == 2
+    assert body["progress"]["images_done"] == 3
     for url in body["products"][0]["output_image_urls"]:
         assert get_closed(client, url).status_code == 200
     assert "1 images left for another pass: could not sync outputs" in caplog.text

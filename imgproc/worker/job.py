@@ -204,15 +204,15 @@ class Job:
                 out_of_grace = time.monotonic() > self.shared.stop_deadline[0]
                 # Outstanding first: the pipeline hands a result over before it counts it
                 # delivered, so with nothing outstanding every result is already queued.
-                drained = (
-                    not feeding
-                    and (not pipeline.outstanding(self) or out_of_grace)
-                    and self.results.empty()
-                )
+                outstanding = pipeline.outstanding(self) if not feeding else -1
+                drained = not feeding and (not outstanding or out_of_grace) and self.results.empty()
                 if buffer and (
                     drained
                     or len(buffer) >= FLUSH_RESULTS
                     or time.monotonic() - first_at >= FLUSH_SECONDS
+                    # The last images: written once as many wait as are still coming, so
+                    # that the last flush, which the request's finish waits for, is small.
+                    or 0 < outstanding <= len(buffer)
                 ):
                     recorded += self._flush(buffer)
                     buffer, first_at = [], 0.0

@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 
 PAGE = 100  # products read (and marked fed) per query
 FLUSH_RESULTS = 128  # write results once this many are waiting...
-FLUSH_SECONDS = 1.0  # ...or once the oldest has waited this long
+FLUSH_SECONDS = 1.0  # ...or once the oldest has waited this long (or, once every open
+# image is fed, once as many are waiting as are still coming)
 MAX_RETRY_DELAY = 60.0  # seconds between passes that could not make progress, at most
 
 T = TypeVar("T")

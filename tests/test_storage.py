@@ -34,6 +34,7 @@ from tests.conftest import S3_BUCKET
 from tests.s3server import S3Server
 
 KEY = "0f8fad5b-d9cb-469f-a165-70867728950e/3-0.jpg"
+REQUEST_ID = KEY.split("/")[0]  # the directory of its request
 BACKENDS = ["local", "gridfs", "s3"]
 
 
@@ -115,7 +116,7 @@ def test_a_repeated_put_leaves_one_complete_version(
         assert stored is not None and stored.etag == hashlib.sha256(first).hexdigest()[:32]
     else:
         assert read(storage, KEY) == second
-        assert os.listdir(tmp_path / "images" / KEY.split("/")[0]) == ["3-0.jpg"]
+        assert os.listdir(tmp_path / "images" / REQUEST_ID) == ["3-0.jpg"]
     assert storage.get(KEY.replace("3-0", "4-0")) is None
     assert storage.get("../etc/passwd") is None
 
@@ -169,7 +170,7 @@ def test_racing_puts_and_readers_never_see_a_part_or_a_gap(
     elif backend == "s3":
         assert objects(s3_prefix, request) == [s3_prefix + KEY]
     else:
-        assert os.listdir(tmp_path / "images" / KEY.split("/")[0]) == ["3-0.jpg"]
+        assert os.listdir(tmp_path / "images" / REQUEST_ID) == ["3-0.jpg"]
 
 
 def test_an_interrupted_gridfs_put_is_invisible_and_the_next_put_completes(mongo: Any) -> None:
@@ -222,7 +223,7 @@ def test_a_local_put_new_or_replacing_leaves_one_whole_file_and_no_temporary_one
     """A new file takes its name by a link, one that replaces a file is renamed over it:
     either way the key's file is a new one with the whole bytes, under one name only."""
     storage = LocalStorage(str(tmp_path / "images"))
-    directory = tmp_path / "images" / KEY.split("/")[0]
+    directory = tmp_path / "images" / REQUEST_ID
     first, second = versions(2)
     storage.put(KEY, first)
     new = os.stat(directory / "3-0.jpg")
@@ -275,14 +276,14 @@ def test_a_put_cut_short_by_a_kill_leaves_a_temporary_file_that_the_sweep_remove
     key's name); once the request is finished the job sweeps its directory, and what is left
     is the outputs, whole."""
     root = tmp_path / "images"
-    directory = root / KEY.split("/")[0]
+    directory = root / REQUEST_ID
     killed_while_putting(root, directory)
     leftovers = len(list(directory.glob(".tmp-*")))
     outputs = sorted(p.name for p in directory.iterdir() if not p.name.startswith(".tmp-"))
     assert set(outputs) <= {"0-0.jpg", "1-0.jpg", "2-0.jpg"}
     storage = LocalStorage(str(root))
     storage.put(KEY, b"after the kill")
-    assert storage.sweep(KEY.split("/")[0]) == leftovers
+    assert storage.sweep(REQUEST_ID) == leftovers
     assert sorted(os.listdir(directory)) == sorted([*outputs, "3-0.jpg"])
     for name in outputs:  # each one whole: the killed process wrote 64 MiB of zeros
         assert (directory / name).read_bytes() == bytes(64 << 20)
@@ -291,7 +292,7 @@ def test_a_put_cut_short_by_a_kill_leaves_a_temporary_file_that_the_sweep_remove
 
 def test_sweeping_a_request_with_nothing_stored_or_a_bad_id(tmp_path: Path) -> None:
     storage = LocalStorage(str(tmp_path / "images"))
-    assert storage.sweep(KEY.split("/")[0]) == 0  # no directory: nothing to do
+    assert storage.sweep(REQUEST_ID) == 0  # no directory: nothing to do
     assert not (tmp_path / "images").exists()
     (tmp_path / "images").mkdir()
     (tmp_path / ".tmp-0123456789abcdef").write_bytes(b"not the service's")
@@ -304,11 +305,11 @@ def test_a_leftover_that_cannot_be_removed_keeps_no_other_and_is_unavailable(
 ) -> None:
     storage = LocalStorage(str(tmp_path / "images"))
     storage.put(KEY, b"output")
-    directory = tmp_path / "images" / KEY.split("/")[0]
+    directory = tmp_path / "images" / REQUEST_ID
     (directory / ".tmp-00000000000000aa").mkdir()  # not a file: unlink refuses it
     (directory / ".tmp-00000000000000bb").write_bytes(b"cut short")
     with pytest.raises(StorageUnavailable, match="could not clear"):
-        storage.sweep(KEY.split("/")[0])
+        storage.sweep(REQUEST_ID)
     assert sorted(os.listdir(directory)) == [".tmp-00000000000000aa", "3-0.jpg"]
 
 
@@ -322,7 +323,7 @@ def test_a_sweep_leaves_every_stored_output(
     storage.put(KEY, first)
     storage.put(other, second)
     storage.sync([KEY, other])
-    assert storage.sweep(KEY.split("/")[0]) == 0
+    assert storage.sweep(REQUEST_ID) == 0
     assert (read(storage, KEY), read(storage, other)) == (first, second)
 
 
@@ -342,7 +343,7 @@ def test_a_local_output_directory_removed_under_the_service_is_made_again(
     """Puts skip making a request's directory once it exists; one removed since (an
     operator's clean-up) is made again, not an error that fails the image."""
     storage = LocalStorage(str(tmp_path / "images"))
-    directory = tmp_path / "images" / KEY.split("/")[0]
+    directory = tmp_path / "images" / REQUEST_ID
     storage.put(KEY, b"first")
     shutil.rmtree(directory)
     other = KEY.replace("/3-0.", "/4-0.")
